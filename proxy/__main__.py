@@ -1,0 +1,146 @@
+"""Command line (SPEC §2): run the proxy, check a configuration, authorise, or demo.
+
+Exit status: 0 after a clean shutdown, 2 for a configuration error, 1 for any other
+failure to start. Errors are one line on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from proxy import config as configuration
+from proxy import logs
+from proxy.app import ProxyServer
+from proxy.config import Config, Listen
+from proxy.errors import ConfigError
+
+log = logging.getLogger("proxy")
+
+
+class StartupError(Exception):
+    """The proxy could not start (a port in use, ...): exit status 1."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bol-proxy",
+        description="Local reverse proxy for the bol.com Retailer API: tools send plain "
+                    "requests, the proxy attaches a cached OAuth2 token.",
+    )
+    p.add_argument("--config", help="YAML configuration file (default: $BOL_PROXY_CONFIG; "
+                                    "without either, BOL_CLIENT_ID/BOL_CLIENT_SECRET)")
+    p.add_argument("--host", help="listen on this address (overrides listen.host)")
+    p.add_argument("--port", type=int, help="listen on this port (overrides listen.port)")
+    p.add_argument("--log-level", choices=logs.LEVELS, default="info")
+    p.add_argument("--log-format", choices=logs.FORMATS, default="text")
+    p.add_argument("--check", action="store_true",
+                   help="validate the configuration, print a summary (secrets masked), exit")
+    sub = p.add_subparsers(dest="command", metavar="{demo,authorize}")
+    demo = sub.add_parser("demo", help="run against a built-in imitation of bol.com")
+    demo.add_argument("--port", type=int, default=8080, dest="demo_port")
+    auth = sub.add_parser("authorize", help="authorise a refresh-token set (SPEC §6.3)")
+    auth.add_argument("set", help="name of a credential set with grant: refresh_token")
+    auth.add_argument("--config", dest="auth_config")
+    auth.add_argument("--code", help="the code from bol's redirect, to exchange")
+    return p
+
+
+def config_loader(args: argparse.Namespace) -> Callable[[], Config]:
+    """Loads the configuration as the command line says; used at start and on SIGHUP."""
+    path = args.config or os.environ.get("BOL_PROXY_CONFIG") or None
+
+    def load() -> Config:
+        config = configuration.load(path)
+        if args.host or args.port is not None:
+            listen = Listen(args.host or config.listen.host,
+                            config.listen.port if args.port is None else args.port)
+            configuration.check_ports(listen, config.credentials)
+            config = replace(config, listen=listen)
+        return config
+
+    return load
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    try:
+        if args.command == "demo":
+            from proxy.demo import run_demo
+
+            return run_demo(args.demo_port)
+        if args.command == "authorize":
+            from proxy.authorize import authorize
+
+            args.config = args.auth_config or args.config
+            return authorize(config_loader(args)(), args.set, args.code)
+        load = config_loader(args)
+        config = load()
+        if args.check:
+            for line in configuration.summary(config):
+                print(line)
+            return 0
+        return asyncio.run(serve(config, load))
+    except ConfigError as exc:
+        print(f"bol-proxy: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, configuration.ConfigFileError) else 2
+    except StartupError as exc:
+        print(f"bol-proxy: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+async def serve(config: Config, load: Callable[[], Config]) -> int:
+    """Run until SIGTERM or SIGINT; reload on SIGHUP."""
+    server = ProxyServer(config)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on {config.listen.host}:{config.listen.port} or a set's port: "
+            f"{exc.strerror or exc}"
+        ) from None
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: asyncio.Queue[None] = asyncio.Queue()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, None)
+    log.info("bol-proxy listening on http://%s:%d (%d credential sets, default: %s)",
+             config.listen.host, server.port(), len(config.credentials),
+             config.default_credentials)
+    async with asyncio.TaskGroup() as group:
+        watcher = group.create_task(_reload_on_signal(server, reloads, load))
+        await stop.wait()
+        log.info("shutting down: finishing in-flight requests (at most %.0f s)",
+                 config.shutdown_timeout)
+        watcher.cancel()
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+async def _reload_on_signal(server: ProxyServer, reloads: asyncio.Queue[None],
+                            load: Callable[[], Config]) -> None:
+    while True:
+        await reloads.get()
+        try:
+            await server.reload(load())
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+        except Exception:
+            log.exception("reload failed, keeping the running configuration")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

@@ -1,0 +1,78 @@
+"""The proxy's own endpoints under ``/_proxy/`` (SPEC §8); never forwarded.
+
+``health`` says the process serves; ``ready`` says every ``prefetch`` set holds a valid
+token (and the proxy is not shutting down), so an orchestrator routes traffic to it only
+when requests will not wait for or fail on a token; ``metrics`` is Prometheus text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from .metrics import CONTENT_TYPE, Metrics
+from .tokens import Tokens, TokenSource
+
+
+def _iso(wall: float | None) -> str | None:
+    if wall is None:
+        return None
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds")
+
+
+class Admin:
+    """Handlers for health, readiness and metrics."""
+
+    def __init__(self, tokens: Callable[[], Tokens], metrics: Metrics) -> None:
+        self._tokens = tokens
+        self._metrics = metrics
+        self.shutting_down = False
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        tokens = self._tokens()
+        sets = {}
+        ready = not self.shutting_down
+        for source in tokens.active():
+            state = self._state(source, tokens)
+            sets[source.cred.name] = state
+            if source.cred.prefetch and state["state"] != "valid":
+                ready = False
+        for cred in tokens.config.credentials.values():
+            if cred.prefetch and cred.name not in sets:
+                sets[cred.name] = {"state": "starting", "prefetch": True}
+                ready = False
+        body = {"ready": ready, "shutting_down": self.shutting_down, "sets": sets}
+        return web.Response(status=200 if ready else 503, text=json.dumps(body),
+                            content_type="application/json")
+
+    @staticmethod
+    def _state(source: TokenSource, tokens: Tokens) -> dict[str, object]:
+        token = source.current()
+        valid_until = None
+        if token is not None:
+            valid_until = tokens.wall_time(token.usable_until)
+        return {
+            "state": "valid" if token is not None else "no-token",
+            "prefetch": source.cred.prefetch,
+            "valid_until": _iso(valid_until),
+            "last_renewal": _iso(source.last_renewal),
+            "last_error": source.last_error,
+            "failures": source.failures,
+        }
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.exposition(),
+                            headers={"Content-Type": CONTENT_TYPE})
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/_proxy/health", self.health, allow_head=True),
+            web.get("/_proxy/ready", self.ready, allow_head=True),
+            web.get("/_proxy/metrics", self.metrics),
+        ]

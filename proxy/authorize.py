@@ -1,0 +1,62 @@
+"""``bol-proxy authorize SET``: connect a seller's shop to a refresh-token set (SPEC §6.3).
+
+Without ``--code`` it prints bol's authorize URL; the seller opens it, approves, and bol
+redirects to the set's ``redirect_uri`` with ``?code=…&state=…``. With ``--code`` the
+code is exchanged for a refresh token, which is written to ``refresh_token_file`` the
+same atomic way the proxy writes rotated tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from .app import client_session
+from .config import Config, CredentialSet
+from .errors import ConfigError
+from .oauth import TokenClient, TokenEndpointError, authorize_url, code_form
+from .refresh import RefreshTokenFile
+
+
+def _refresh_set(config: Config, name: str) -> CredentialSet:
+    cred = config.credentials.get(name)
+    if cred is None:
+        raise ConfigError(f"credentials: no credential set named '{name}'")
+    if cred.grant != "refresh_token" or cred.refresh_token_file is None:
+        raise ConfigError(f"credentials.{name}.grant: authorize needs grant: refresh_token")
+    if not cred.redirect_uri:
+        raise ConfigError(f"credentials.{name}.redirect_uri: required to authorize")
+    return cred
+
+
+def authorize(config: Config, name: str, code: str | None) -> int:
+    """Print the authorize URL, or exchange ``code`` and save the refresh token."""
+    cred = _refresh_set(config, name)
+    if code is None:
+        url, state = authorize_url(config.upstream.authorize_url, cred)
+        print(f"Open this URL as the seller and approve access for '{name}':\n\n  {url}\n")
+        print(f"bol then redirects to {cred.redirect_uri}?code=...&state={state}")
+        print(f"Check that state matches, then run:\n\n  bol-proxy authorize {name} --code CODE")
+        return 0
+    try:
+        asyncio.run(_exchange(config, cred, code))
+    except TokenEndpointError as exc:
+        print(f"bol-proxy: exchanging the code failed ({exc.code}); codes are single-use "
+              "and short-lived: authorise again", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"bol-proxy: cannot write {cred.refresh_token_file}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    print(f"refresh token for '{name}' saved to {cred.refresh_token_file}")
+    return 0
+
+
+async def _exchange(config: Config, cred: CredentialSet, code: str) -> None:
+    assert cred.refresh_token_file is not None and cred.redirect_uri is not None
+    async with client_session(config) as session:
+        client = TokenClient(session, config.upstream.token_url, config.upstream.timeout)
+        grant = await client.request(cred, code_form(code, cred.redirect_uri))
+    if grant.refresh_token is None:
+        raise TokenEndpointError("malformed", "the answer holds no refresh_token")
+    RefreshTokenFile(cred.refresh_token_file).save(grant.refresh_token)

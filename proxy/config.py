@@ -1,0 +1,495 @@
+"""Configuration: read once, validated into frozen dataclasses, secrets masked.
+
+The YAML file (SPEC §3.1) and the zero-config environment (§3.3) both become one raw
+mapping that a single validator turns into a :class:`Config`. Every error names the key
+path and the offending value (never a secret) and becomes exit status 2; a file that
+cannot be read is exit status 1.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+
+from .errors import ConfigError
+
+SET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+DEFAULT_ALLOWED_PATHS = (
+    "/retailer",
+    "/retailer-demo",
+    "/shared",
+    "/shared-demo",
+    "/advertiser",
+    "/advertiser-demo",
+)
+Grant = Literal["client_credentials", "refresh_token"]
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str`` or f-strings."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself; call only where it leaves for login.bol.com."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class Upstream:
+    api_url: str = "https://api.bol.com"
+    token_url: str = "https://login.bol.com/token"
+    connect_timeout: float = 10.0
+    timeout: float = 300.0
+    ca_file: str | None = None
+    allowed_paths: tuple[str, ...] = DEFAULT_ALLOWED_PATHS
+
+    @property
+    def authorize_url(self) -> str:
+        """bol's authorize endpoint lives beside its token endpoint (BOL-API.md)."""
+        parts = urlsplit(self.token_url)
+        return f"{parts.scheme}://{parts.netloc}/authorize"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_size: int = 52_428_800
+    replay_buffer: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class TokenPolicy:
+    refresh_margin: float = 30.0
+    default_ttl: float = 299.0
+    idle_after: float = 900.0
+
+
+@dataclass(frozen=True)
+class CredentialSet:
+    """One set of client credentials; equal sets keep their tokens across a reload."""
+
+    name: str
+    client_id: str
+    client_secret: Secret = field(repr=False)
+    grant: Grant = "client_credentials"
+    prefetch: bool = True
+    port: int | None = None
+    refresh_token_file: Path | None = None
+    redirect_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: Listen = Listen()
+    upstream: Upstream = Upstream()
+    limits: Limits = Limits()
+    tokens: TokenPolicy = TokenPolicy()
+    shutdown_timeout: float = 30.0
+    credentials: Mapping[str, CredentialSet] = field(default_factory=dict)
+    default_credentials: str | None = None
+    source: str = "defaults"
+
+    def dedicated_ports(self) -> dict[int, str]:
+        """Listener port -> the set every request on it uses (SPEC §4 rule 1)."""
+        return {s.port: s.name for s in self.credentials.values() if s.port is not None}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML configuration file."""
+    env = os.environ if env is None else env
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigFileError(f"cannot read configuration file {path}: {_reason(exc)}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return validate(interpolate(raw, env), source=str(path))
+
+
+def load_env(env: Mapping[str, str] | None = None) -> Config:
+    """Zero-config (SPEC §3.3): one set named ``default`` from BOL_* variables."""
+    env = os.environ if env is None else env
+    if not env.get("BOL_CLIENT_ID"):
+        raise ConfigError(
+            "no configuration: pass --config PATH, set BOL_PROXY_CONFIG, or set "
+            "BOL_CLIENT_ID and BOL_CLIENT_SECRET (or BOL_CLIENT_SECRET_FILE)"
+        )
+    cred: dict[str, Any] = {"client_id": env["BOL_CLIENT_ID"]}
+    if env.get("BOL_CLIENT_SECRET_FILE"):
+        cred["client_secret_file"] = env["BOL_CLIENT_SECRET_FILE"]
+    elif env.get("BOL_CLIENT_SECRET"):
+        cred["client_secret"] = env["BOL_CLIENT_SECRET"]
+    else:
+        raise ConfigError("BOL_CLIENT_ID is set but neither BOL_CLIENT_SECRET nor "
+                          "BOL_CLIENT_SECRET_FILE is")
+    raw: dict[str, Any] = {"credentials": {"default": cred}, "listen": {}, "upstream": {}}
+    for variable, section, key in (
+        ("BOL_PROXY_HOST", "listen", "host"),
+        ("BOL_PROXY_PORT", "listen", "port"),
+        ("BOL_API_URL", "upstream", "api_url"),
+        ("BOL_TOKEN_URL", "upstream", "token_url"),
+    ):
+        if env.get(variable):
+            raw[section][key] = env[variable]
+    return validate(raw, source="environment")
+
+
+def load(path: str | None, env: Mapping[str, str] | None = None) -> Config:
+    """``--config`` wins, then ``BOL_PROXY_CONFIG``, then zero-config."""
+    env = os.environ if env is None else env
+    path = path or env.get("BOL_PROXY_CONFIG") or None
+    return load_file(path, env) if path else load_env(env)
+
+
+class ConfigFileError(ConfigError):
+    """A file named by the configuration cannot be read (exit status 1, SPEC §2)."""
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+
+
+def interpolate(value: Any, env: Mapping[str, str], path: str = "") -> Any:
+    """Replace ``${NAME}`` and ``${NAME:-fallback}`` in every string of ``value``."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, _join(path, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, fallback = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if fallback is not None:
+            return fallback
+        raise ConfigError(f"{path}: environment variable {name} is not set")
+
+    return _VARIABLE.sub(substitute, value)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# ------------------------------------------------------------------------ validation
+
+
+class _Section:
+    """Reads the keys of one mapping, remembering the path for error messages."""
+
+    def __init__(self, raw: Any, path: str) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: must be a mapping, got {_show(raw)}")
+        self.raw: dict[Any, Any] = dict(raw)
+        self.path = path
+
+    def key(self, name: str) -> str:
+        return _join(self.path, name)
+
+    def take(self, name: str, default: Any = None) -> Any:
+        return self.raw.pop(name, default)
+
+    def has(self, name: str) -> bool:
+        return name in self.raw
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0,
+               exclusive: bool = True) -> float:
+        value = self.take(name, default)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{self.key(name)}: expected a number, got {_show(value)}") from None
+        if isinstance(value, bool) or number != number or number in (float("inf"),):
+            raise ConfigError(f"{self.key(name)}: expected a number, got {_show(value)}")
+        if number < minimum or (exclusive and number == minimum):
+            bound = "greater than" if exclusive else "at least"
+            raise ConfigError(f"{self.key(name)}: must be {bound} {minimum:g}, got {_show(value)}")
+        return number
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
+        number = self.optional_integer(name, minimum=minimum, maximum=maximum)
+        return default if number is None else number
+
+    def optional_integer(self, name: str, *, minimum: int, maximum: int) -> int | None:
+        value = self.take(name)
+        if value is None:
+            return None
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            number = None
+        if isinstance(value, bool | float) or number is None:
+            raise ConfigError(f"{self.key(name)}: expected a whole number, got {_show(value)}")
+        if not minimum <= number <= maximum:
+            raise ConfigError(
+                f"{self.key(name)}: must be between {minimum} and {maximum}, got {number}"
+            )
+        return number
+
+    def string(self, name: str, default: str | None) -> str | None:
+        value = self.take(name, default)
+        if value is None:
+            return None
+        if isinstance(value, bool | dict | list):
+            raise ConfigError(f"{self.key(name)}: expected text, got {_show(value)}")
+        return str(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.take(name, default)
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)}: expected true or false, got {_show(value)}")
+        return value
+
+    def done(self) -> None:
+        """Unknown keys are errors (SPEC §3.1); name the first one."""
+        for name in self.raw:
+            raise ConfigError(f"{self.key(str(name))}: unknown key '{name}'")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate(raw: Mapping[str, Any], source: str = "configuration") -> Config:
+    """Turn a raw mapping into a :class:`Config`, or raise :class:`ConfigError`."""
+    top = _Section(raw, "")
+    listen = _listen(_Section(top.take("listen"), "listen"))
+    upstream = _upstream(_Section(top.take("upstream"), "upstream"))
+    limits = _limits(_Section(top.take("limits"), "limits"))
+    tokens = _tokens(_Section(top.take("tokens"), "tokens"))
+    shutdown_timeout = top.number("shutdown_timeout", 30.0)
+    roots = {p.strip("/").split("/")[0] for p in upstream.allowed_paths}
+    sets_raw = _Section(top.take("credentials"), "credentials")
+    if not sets_raw.raw:
+        raise ConfigError("credentials: at least one credential set is required")
+    credentials = {
+        name: _credential_set(name, sets_raw.take(name), roots)
+        for name in list(sets_raw.raw)
+    }
+    default = top.string("default_credentials", None)
+    top.done()
+    if default is None and len(credentials) == 1:
+        default = next(iter(credentials))
+    if default is not None and default not in credentials:
+        raise ConfigError(f"default_credentials: no credential set named '{default}'")
+    check_ports(listen, credentials)
+    return Config(listen, upstream, limits, tokens, shutdown_timeout, credentials, default, source)
+
+
+def _listen(s: _Section) -> Listen:
+    host = s.string("host", Listen.host) or Listen.host
+    port = s.integer("port", Listen.port, minimum=0, maximum=65535)
+    s.done()
+    return Listen(host, port)
+
+
+def _url(s: _Section, name: str, default: str) -> str:
+    value = s.string(name, default) or default
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(
+            f"{s.key(name)}: expected an http(s) URL without query, got {_show(value)}")
+    return value.rstrip("/")
+
+
+def _upstream(s: _Section) -> Upstream:
+    api_url = _url(s, "api_url", Upstream.api_url)
+    token_url = _url(s, "token_url", Upstream.token_url)
+    connect_timeout = s.number("connect_timeout", Upstream.connect_timeout)
+    timeout = s.number("timeout", Upstream.timeout)
+    ca_file = s.string("ca_file", None)
+    if ca_file is not None and not os.access(ca_file, os.R_OK):
+        raise ConfigFileError(f"{s.key('ca_file')}: cannot read {ca_file}")
+    paths_raw = s.take("allowed_paths", list(DEFAULT_ALLOWED_PATHS))
+    if not isinstance(paths_raw, list) or not paths_raw:
+        raise ConfigError(f"{s.key('allowed_paths')}: expected a non-empty list of paths")
+    paths = []
+    for i, p in enumerate(paths_raw):
+        text = str(p).rstrip("/")
+        segments = text.split("/")[1:]
+        if (not isinstance(p, str) or not text.startswith("/")
+                or any(seg in ("", ".", "..") or not re.fullmatch(r"[A-Za-z0-9._~-]+", seg)
+                       for seg in segments)):
+            raise ConfigError(
+                f"{s.key('allowed_paths')}[{i}]: expected a path like /retailer, got {_show(p)}"
+            )
+        paths.append(text)
+    s.done()
+    return Upstream(api_url, token_url, connect_timeout, timeout, ca_file, tuple(paths))
+
+
+def _limits(s: _Section) -> Limits:
+    big = 2**62
+    max_body = s.integer("max_body_size", Limits.max_body_size, minimum=0, maximum=big)
+    replay = s.integer("replay_buffer", Limits.replay_buffer, minimum=0, maximum=big)
+    s.done()
+    return Limits(max_body, replay)
+
+
+def _tokens(s: _Section) -> TokenPolicy:
+    margin = s.number("refresh_margin", TokenPolicy.refresh_margin, exclusive=False)
+    ttl = s.number("default_ttl", TokenPolicy.default_ttl)
+    idle = s.number("idle_after", TokenPolicy.idle_after)
+    s.done()
+    return TokenPolicy(margin, ttl, idle)
+
+
+def _credential_set(name: Any, raw: Any, roots: set[str]) -> CredentialSet:
+    path = f"credentials.{name}"
+    if not isinstance(name, str) or not SET_NAME.match(name):
+        raise ConfigError(f"{path}: set names match [a-z0-9][a-z0-9_-]*, got {_show(name)}")
+    if name in roots:
+        raise ConfigError(f"{path}: a set may not be named like the API path /{name}")
+    s = _Section(raw, path)
+    grant = s.string("grant", "client_credentials")
+    if grant not in ("client_credentials", "refresh_token"):
+        raise ConfigError(
+            f"{s.key('grant')}: expected client_credentials or refresh_token, got {_show(grant)}"
+        )
+    client_id = s.string("client_id", None)
+    if not client_id:
+        raise ConfigError(f"{s.key('client_id')}: required")
+    secret = _secret(s, "client_secret")
+    if secret is None:
+        raise ConfigError(f"{path}: client_secret or client_secret_file is required")
+    prefetch = s.boolean("prefetch", True)
+    port = s.optional_integer("port", minimum=1, maximum=65535)
+    refresh_file = s.string("refresh_token_file", None)
+    redirect_uri = s.string("redirect_uri", None)
+    if grant == "refresh_token" and not refresh_file:
+        raise ConfigError(f"{s.key('refresh_token_file')}: required for grant: refresh_token")
+    if grant == "client_credentials":
+        for key, value in (("refresh_token_file", refresh_file), ("redirect_uri", redirect_uri)):
+            if value is not None:
+                raise ConfigError(f"{s.key(key)}: only for grant: refresh_token")
+    s.done()
+    return CredentialSet(
+        name=name,
+        client_id=client_id,
+        client_secret=secret,
+        grant=grant,  # type: ignore[arg-type]  # checked above
+        prefetch=prefetch,
+        port=port,
+        refresh_token_file=Path(refresh_file) if refresh_file else None,
+        redirect_uri=redirect_uri,
+    )
+
+
+def _secret(s: _Section, name: str) -> Secret | None:
+    inline, file_name = s.take(name), s.string(f"{name}_file", None)
+    if inline is not None and file_name is not None:
+        raise ConfigError(f"{s.key(name)}: give either {name} or {name}_file, not both")
+    if file_name is not None:
+        return Secret(read_secret_file(file_name, s.key(f"{name}_file")))
+    if inline is None:
+        return None
+    if isinstance(inline, bool | dict | list) or not str(inline):
+        raise ConfigError(f"{s.key(name)}: expected a non-empty text value")
+    return Secret(str(inline))
+
+
+def read_secret_file(file_name: str | os.PathLike[str], key: str) -> str:
+    """A secret kept in a file, trailing newline stripped (SPEC §3.2)."""
+    try:
+        value = Path(file_name).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigFileError(f"{key}: cannot read {file_name}: {_reason(exc)}") from exc
+    if not value:
+        raise ConfigError(f"{key}: {file_name} is empty")
+    return value
+
+
+def check_ports(listen: Listen, credentials: Mapping[str, CredentialSet]) -> None:
+    """Every listener port is used once (a set's port is not the main one, nor another's)."""
+    seen: dict[int, str] = {}
+    for cred in credentials.values():
+        if cred.port is None:
+            continue
+        if cred.port == listen.port:
+            raise ConfigError(f"credentials.{cred.name}.port: {cred.port} is also listen.port")
+        if cred.port in seen:
+            raise ConfigError(
+                f"credentials.{cred.name}.port: {cred.port} is also the port of '{seen[cred.port]}'"
+            )
+        seen[cred.port] = cred.name
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summary(config: Config) -> Iterator[str]:
+    """Lines for ``--check``: everything an operator needs, every secret masked."""
+    yield f"configuration from {config.source}: valid"
+    yield f"listen: {config.listen.host}:{config.listen.port}"
+    up = config.upstream
+    yield f"upstream: {up.api_url} (tokens from {up.token_url})"
+    yield f"  timeouts: connect {up.connect_timeout:g}s, exchange {up.timeout:g}s"
+    yield f"  allowed paths: {', '.join(up.allowed_paths)}"
+    yield (f"limits: max_body_size {config.limits.max_body_size} bytes, "
+           f"replay_buffer {config.limits.replay_buffer} bytes")
+    t = config.tokens
+    yield (f"tokens: refresh_margin {t.refresh_margin:g}s, default_ttl {t.default_ttl:g}s, "
+           f"idle_after {t.idle_after:g}s")
+    yield f"credential sets: {len(config.credentials)} (default: {config.default_credentials})"
+    shown: Callable[[CredentialSet], str] = lambda c: (  # noqa: E731
+        f"  {c.name}: client_id {c.client_id}, client_secret ********, grant {c.grant}, "
+        f"{'prefetch' if c.prefetch else 'on demand'}"
+        + (f", port {c.port}" if c.port else "")
+        + (f", refresh token in {c.refresh_token_file}" if c.refresh_token_file else "")
+    )
+    for cred in list(config.credentials.values())[:50]:
+        yield shown(cred)
+    if len(config.credentials) > 50:
+        yield f"  ... and {len(config.credentials) - 50} more"

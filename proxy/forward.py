@@ -1,0 +1,334 @@
+"""The catch-all handler: route, attach the token, stream to bol and back, replay on 401.
+
+One request, step by step:
+
+1. :class:`~proxy.routing.Router` picks the credential set and validates the raw target;
+   nothing that fails here contacts the upstream.
+2. The request body is sized up: declared lengths over ``max_body_size`` are refused at
+   once; a body of at most ``replay_buffer`` bytes is read whole (it can be replayed),
+   anything larger streams through with a running count.
+3. The set's token is attached and the request goes to ``upstream.api_url`` + the raw
+   target, with ``encoded=True`` so that nothing re-normalises the path or the query.
+4. A 401 for the token just used invalidates it (if still current), and a buffered
+   request is replayed once with the new token.
+5. The answer goes back unchanged: small bodies in one piece, others streamed. If bol's
+   side breaks mid-body, the client's connection is aborted, so a short body can never
+   pass for a complete one.
+
+aiohttp client exceptions are translated into :mod:`proxy.errors` in :func:`translate`
+only, and never with their text (``repr`` of some of them contains request headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, istr
+from yarl import URL
+
+from .config import Config
+from .errors import (
+    BadRequest,
+    BodyTooLarge,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    problem_response,
+)
+from .headers import CREDENTIALS_HEADER, client_response_headers, upstream_request_headers
+from .metrics import Metrics
+from .routing import Router
+from .tokens import Token, Tokens, TokenSource
+
+log = logging.getLogger("proxy")
+access_log = logging.getLogger("proxy.access")
+
+SMALL_RESPONSE = 64 * 1024  # answered in one piece: measurably faster than streaming
+_NO_BODY_STATUSES = frozenset({204, 304})
+_TRANSFER_ENCODING = istr("Transfer-Encoding")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the hot path needs from one configuration, computed once per load."""
+
+    config: Config
+    router: Router
+    api_base: str
+    timeout: aiohttp.ClientTimeout
+    dedicated_ports: bool
+
+    @classmethod
+    def from_config(cls, config: Config) -> Settings:
+        up = config.upstream
+        return cls(
+            config=config,
+            router=Router(config.credentials, config.default_credentials, up.allowed_paths,
+                          config.dedicated_ports()),
+            api_base=up.api_url,
+            timeout=aiohttp.ClientTimeout(total=up.timeout, sock_connect=up.connect_timeout),
+            dedicated_ports=bool(config.dedicated_ports()),
+        )
+
+
+class Body:
+    """A request body: whole (replayable) or streamed through with a size cap."""
+
+    def __init__(self, data: bytes | None, rest: aiohttp.StreamReader | None = None,
+                 prefix: bytes = b"", limit: int = 0) -> None:
+        self.data = data
+        self._rest = rest
+        self._prefix = prefix
+        self._limit = limit
+        self.too_large = False
+
+    @property
+    def replayable(self) -> bool:
+        return self._rest is None
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        return self.data if self._rest is None else self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        assert self._rest is not None
+        sent = len(self._prefix)
+        if self._prefix:
+            yield self._prefix
+        while chunk := await self._rest.readany():
+            sent += len(chunk)
+            if sent > self._limit:
+                # Chunked bodies have no declared size: the cap holds while streaming.
+                self.too_large = True
+                raise BodyTooLarge(f"the request body exceeds {self._limit} bytes")
+            yield chunk
+
+
+async def read_body(request: web.BaseRequest, max_size: int, replay_size: int) -> Body:
+    """Size up the request body without reading more than ``replay_size`` of it."""
+    te = request.headers.get(_TRANSFER_ENCODING)
+    if te is not None and te.strip().lower() != "chunked":
+        # The body is re-framed for the upstream, so any other coding would be corrupted.
+        raise BadRequest("only Transfer-Encoding: chunked is accepted")
+    if not request.body_exists:
+        return Body(None)
+    too_large = f"the request body exceeds limits.max_body_size ({max_size} bytes)"
+    length = request.content_length
+    if length is not None:
+        if length > max_size:
+            raise BodyTooLarge(too_large)  # refused before any upstream contact
+        if length > replay_size:
+            return Body(None, request.content, limit=max_size)
+        try:
+            return Body(await request.content.readexactly(length))
+        except asyncio.IncompleteReadError:
+            raise BadRequest("the request body ended before its Content-Length") from None
+    # Chunked: read up to the replay buffer; a body that ends within it is replayable.
+    parts: list[bytes] = []
+    size = 0
+    while size <= replay_size:
+        chunk = await request.content.readany()
+        if not chunk:
+            return Body(b"".join(parts))
+        parts.append(chunk)
+        size += len(chunk)
+        if size > max_size:
+            raise BodyTooLarge(too_large)
+    return Body(None, request.content, prefix=b"".join(parts), limit=max_size)
+
+
+def translate(exc: BaseException, body: Body | None = None) -> ProxyError:
+    """The one boundary where aiohttp client errors become proxy errors."""
+    if isinstance(exc, BodyTooLarge) or (body is not None and body.too_large):
+        return BodyTooLarge("the request body exceeds limits.max_body_size")
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("the upstream did not answer within the configured timeouts")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnreachable(f"cannot connect to the upstream ({type(exc).__name__})")
+    return UpstreamUnreachable(f"the upstream exchange failed ({type(exc).__name__})")
+
+
+class Forwarder:
+    """Forwards requests for the current settings; swapped settings apply to new requests."""
+
+    def __init__(self, settings: Settings, tokens: Tokens, session: aiohttp.ClientSession,
+                 metrics: Metrics) -> None:
+        self.settings = settings
+        self.tokens = tokens
+        self.session = session
+        self.metrics = metrics
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """aiohttp handler for every path that is not the proxy's own."""
+        started = time.perf_counter()
+        exchange = Exchange(request)
+        response: web.StreamResponse | None = None
+        self.metrics.in_flight.inc()
+        try:
+            response = await self._forward(request, self.settings, exchange)
+        except ProxyError as exc:
+            response = problem_response(exc)
+            exchange.error = exc.code
+        except asyncio.CancelledError:
+            log.debug("client went away: %s %s", request.method, exchange.path)
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            # 499 is nginx's "client closed request", for the log and the metrics.
+            exchange.status = response.status if response is not None else 499
+            self._record(exchange, started, response)
+        return response
+
+    async def _forward(self, request: web.BaseRequest, settings: Settings,
+                       exchange: Exchange) -> web.StreamResponse:
+        port = None
+        if settings.dedicated_ports and request.transport is not None:
+            port = request.transport.get_extra_info("sockname")[1]
+        route = settings.router.resolve(
+            request.method, request.raw_path, request.headers.get(CREDENTIALS_HEADER), port
+        )
+        exchange.set_name = route.set_name
+        source = self.tokens.source(route.set_name)
+        limits = settings.config.limits
+        body = await read_body(request, limits.max_body_size, limits.replay_buffer)
+        url = URL(settings.api_base + route.target, encoded=True)
+        token = await source.get()
+        upstream = await self._send(request, settings, url, token, body, exchange)
+        if upstream.status == 401:
+            upstream = await self._after_401(request, settings, url, source, token, body,
+                                             upstream, exchange)
+        exchange.upstream_status = upstream.status
+        return await self._relay(request, upstream)
+
+    async def _send(self, request: web.BaseRequest, settings: Settings, url: URL, token: Token,
+                    body: Body, exchange: Exchange) -> aiohttp.ClientResponse:
+        headers = upstream_request_headers(request.headers, token.value.reveal(),
+                                           keep_length=not body.replayable)
+        started = time.perf_counter()
+        try:
+            return await self.session.request(
+                request.method, url, headers=headers, data=body.payload(),
+                allow_redirects=False, timeout=settings.timeout,
+            )
+        except (aiohttp.ClientError, TimeoutError, BodyTooLarge) as exc:
+            raise translate(exc, body) from exc
+        finally:
+            exchange.upstream_seconds += time.perf_counter() - started
+
+    async def _after_401(self, request: web.BaseRequest, settings: Settings, url: URL,
+                         source: TokenSource, token: Token, body: Body,
+                         upstream: aiohttp.ClientResponse,
+                         exchange: Exchange) -> aiohttp.ClientResponse:
+        """SPEC §6.2: invalidate if current, renew once, replay once if the body allows."""
+        source.invalidate(token)
+        if not body.replayable:
+            return upstream  # the body is gone: the 401 goes back as it came
+        try:
+            fresh = await source.get()  # joins or starts the one renewal
+        except ProxyError:
+            upstream.close()
+            raise
+        if fresh is token:
+            return upstream  # bol refused a token that is still current: do not loop
+        upstream.close()  # drop the 401; the replay takes a connection of its own
+        exchange.replayed = True
+        self.metrics.replays.labels(source.cred.name).inc()
+        return await self._send(request, settings, url, fresh, body, exchange)
+
+    async def _relay(self, request: web.BaseRequest,
+                     upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        headers = client_response_headers(upstream.headers)
+        status = upstream.status
+        if request.method == "HEAD" or status in _NO_BODY_STATUSES:
+            upstream.release()
+            # Content-Length is copied as bol sent it: a HEAD answer announces the size
+            # of the body it does not carry (RFC 9110 §9.3.2).
+            return web.StreamResponse(status=status, reason=upstream.reason, headers=headers)
+        length = upstream.content_length
+        if length is not None and length <= SMALL_RESPONSE:
+            try:
+                data = await upstream.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                upstream.close()
+                raise translate(exc) from exc  # nothing sent yet: a clean 502 or 504
+            return web.Response(status=status, reason=upstream.reason, headers=headers,
+                                body=data)
+        return await self._stream(request, upstream, headers)
+
+    async def _stream(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse,
+                      headers: CIMultiDict[str]) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                      headers=headers)
+        try:
+            await response.prepare(request)
+            while True:
+                try:
+                    chunk = await upstream.content.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    # SPEC §5: never present a truncated body as complete. An aborted
+                    # connection leaves the client a short Content-Length body or a
+                    # chunked body without its last chunk, which every client reports.
+                    log.warning("upstream failed mid-response (%s): aborting the client "
+                                "connection", type(exc).__name__)
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
+                if not chunk:
+                    break
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            log.debug("client went away during the response: %s %s", request.method,
+                      request.path)
+        finally:
+            if upstream.content.at_eof():
+                upstream.release()  # back to the pool
+            else:
+                upstream.close()  # half-read: the connection cannot be reused
+        return response
+
+    def _record(self, exchange: Exchange, started: float,
+                response: web.StreamResponse | None) -> None:
+        duration = time.perf_counter() - started
+        self.metrics.observe(exchange.set_name, exchange.method, exchange.status, duration,
+                             exchange.upstream_seconds if exchange.upstream_status else None)
+        if access_log.isEnabledFor(logging.INFO):
+            size = 0
+            if response is not None:  # streamed: bytes written; whole: its length
+                size = response.body_length or response.content_length or 0
+            access_log.info(
+                "%s %s %s %d %.1fms upstream=%s bytes=%d replayed=%s",
+                exchange.set_name, exchange.method, exchange.path, exchange.status,
+                duration * 1000, exchange.upstream_status or "-", size,
+                "yes" if exchange.replayed else "no",
+                extra={"access": {
+                    "set": exchange.set_name, "method": exchange.method,
+                    "path": exchange.path, "status": exchange.status,
+                    "duration_ms": round(duration * 1000, 2),
+                    "upstream_status": exchange.upstream_status, "bytes": size,
+                    "replayed": exchange.replayed, "error": exchange.error,
+                }},
+            )
+
+
+class Exchange:
+    """What the access log and the metrics learn about one request."""
+
+    __slots__ = ("error", "method", "path", "replayed", "set_name", "status",
+                 "upstream_seconds", "upstream_status")
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self.method = request.method
+        # The path only: queries may carry order ids and customer data.
+        self.path = request.raw_path.partition("?")[0][:200]
+        self.set_name = "-"
+        self.status = 0
+        self.upstream_status: int | None = None
+        self.upstream_seconds = 0.0
+        self.replayed = False
+        self.error: str | None = None

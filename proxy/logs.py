@@ -1,0 +1,52 @@
+"""Logging, configured once at start (as uvicorn does): text or one JSON object a line.
+
+Loggers: ``proxy`` (forwarding, lifecycle), ``proxy.access`` (one line per request),
+``proxy.tokens`` (fetches and renewals; never a token response). aiohttp's own access
+logger is off: the proxy writes a cheaper line of its own with what operators need.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("text", "json")
+
+
+class JsonFormatter(logging.Formatter):
+    """Every record, access lines included, as one JSON object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            entry.update(access)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure(level: str = "info", fmt: str = "text") -> None:
+    """Install one handler on the root logger, writing to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiohttp's access logger formats every request even when nobody reads it.
+    logging.getLogger("aiohttp.access").disabled = True
+    logging.captureWarnings(True)

@@ -1,0 +1,112 @@
+"""Prometheus metrics (SPEC §8), exposed by prometheus-client from a registry per app.
+
+Labels are bounded: credential set names come from the configuration, methods from a
+fixed list, statuses as classes (2xx, 4xx, ...). Paths never become labels, since
+bol's paths carry order and shipment ids. Token values are never read here: the expiry
+gauges are computed at scrape time from the token sources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .tokens import TokenSource
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+disable_created_metrics()  # *_created series only double the size of every scrape
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """The proxy's instruments; one instance per running proxy."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "bol_proxy_requests", "Requests answered, by credential set, method and status class",
+            ["set", "method", "status_class"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "bol_proxy_request_duration_seconds", "Time from request to answer in the proxy",
+            ["set"], buckets=_BUCKETS, registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "bol_proxy_upstream_duration_seconds", "Time until bol's response headers arrived",
+            ["set"], buckets=_BUCKETS, registry=r,
+        )
+        self.token_fetches = Counter(
+            "bol_proxy_token_fetches", "Token requests to login.bol.com, by set and outcome",
+            ["set", "outcome"], registry=r,
+        )
+        self.replays = Counter(
+            "bol_proxy_replays", "Requests replayed once after a 401 with a renewed token",
+            ["set"], registry=r,
+        )
+        self.in_flight = Gauge("bol_proxy_in_flight_requests", "Requests being handled",
+                               registry=r)
+
+    def observe(self, set_name: str, method: str, status: int, seconds: float,
+                upstream_seconds: float | None) -> None:
+        """Record one answered request."""
+        method = method if method in _METHODS else "OTHER"
+        self.requests.labels(set_name, method, f"{status // 100}xx").inc()
+        self.request_duration.labels(set_name).observe(seconds)
+        if upstream_seconds is not None:
+            self.upstream_duration.labels(set_name).observe(upstream_seconds)
+
+    def token_fetched(self, set_name: str, outcome: str) -> None:
+        self.token_fetches.labels(set_name, outcome).inc()
+
+    def watch_tokens(self, sources: Callable[[], Iterable[TokenSource]],
+                     monotonic: Callable[[], float],
+                     authorisation_expiry: Callable[[str], float | None]) -> None:
+        """Expose time-to-expiry per set and authorisation expiry of refresh-token sets."""
+        self.registry.register(_TokenCollector(sources, monotonic, authorisation_expiry))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _TokenCollector(Collector):
+    def __init__(self, sources: Callable[[], Iterable[TokenSource]],
+                 monotonic: Callable[[], float],
+                 authorisation_expiry: Callable[[str], float | None]) -> None:
+        self._sources = sources
+        self._monotonic = monotonic
+        self._authorisation_expiry = authorisation_expiry
+
+    def collect(self) -> Iterator[Metric]:
+        expiry = GaugeMetricFamily(
+            "bol_proxy_token_expiry_seconds",
+            "Seconds until the set's current token expires (0: no valid token)", labels=["set"],
+        )
+        authorisation = GaugeMetricFamily(
+            "bol_proxy_authorization_expiry_timestamp_seconds",
+            "Unix time at which a refresh-token set's authorisation by the seller ends",
+            labels=["set"],
+        )
+        now = self._monotonic()
+        for source in self._sources():
+            token = source.current()
+            left = max(0.0, token.expires_at - now) if token is not None else 0.0
+            expiry.add_metric([source.cred.name], left)
+            if source.cred.grant == "refresh_token":
+                ends = self._authorisation_expiry(source.cred.name)
+                if ends is not None:
+                    authorisation.add_metric([source.cred.name], ends)
+        yield expiry
+        yield authorisation

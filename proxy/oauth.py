@@ -1,0 +1,145 @@
+"""Talking to login.bol.com: the three token requests and how their answers are read.
+
+Every grant is a form-encoded POST with HTTP Basic client authentication; nothing secret
+ever goes into a URL (bol rejects token parameters in query strings since late 2024).
+Token responses are never logged: only their outcome and the OAuth ``error`` code leave
+this module, inside :class:`TokenEndpointError`, whose message is written here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+import aiohttp
+
+from .config import CredentialSet, Secret
+
+# OAuth error codes (RFC 6749 §5.2) that mean the credentials themselves are refused;
+# retrying them fast only gets an IP address blocked by login.bol.com.
+REJECTIONS = frozenset({"invalid_client", "unauthorized_client", "invalid_grant"})
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A successful token response, secrets wrapped."""
+
+    access_token: Secret
+    expires_in: float | None
+    refresh_token: Secret | None = None
+
+
+class TokenEndpointError(Exception):
+    """A failed token request; ``code`` is the OAuth error code or a short reason."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+    @property
+    def rejected(self) -> bool:
+        """True when bol refused the credentials rather than failing to answer."""
+        return self.code in REJECTIONS
+
+
+def basic_auth(cred: CredentialSet) -> str:
+    """RFC 6749 §2.3.1 client authentication header value."""
+    raw = f"{cred.client_id}:{cred.client_secret.reveal()}".encode()
+    return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+def client_credentials_form() -> dict[str, str]:
+    return {"grant_type": "client_credentials"}
+
+
+def refresh_form(refresh_token: Secret) -> dict[str, str]:
+    return {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
+
+
+def code_form(code: str, redirect_uri: str) -> dict[str, str]:
+    return {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri}
+
+
+def authorize_url(base: str, cred: CredentialSet, state: str | None = None) -> tuple[str, str]:
+    """bol's authorize URL for ``cred`` and the ``state`` it carries (SPEC §6.3)."""
+    state = state or secrets.token_urlsafe(24)
+    query = {"response_type": "code", "client_id": cred.client_id, "scope": "offline_access",
+             "state": state}
+    if cred.redirect_uri:
+        query["redirect_uri"] = cred.redirect_uri
+    return f"{base}?{urlencode(query)}", state
+
+
+def parse_token_response(status: int, body: bytes) -> Grant:
+    """Read a token endpoint answer (pure); raise :class:`TokenEndpointError` if unusable."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        raise TokenEndpointError(f"http_{status}" if status != 200 else "malformed",
+                                 f"HTTP {status}, body is not a JSON object")
+    if status != 200 or "error" in data:
+        error = data.get("error")
+        code = error if isinstance(error, str) and error.isascii() and len(error) < 64 else None
+        raise TokenEndpointError(code or f"http_{status}", f"HTTP {status}")
+    token = data.get("access_token")
+    if not isinstance(token, str) or not token:
+        raise TokenEndpointError("malformed", "no access_token in the answer")
+    token_type = data.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise TokenEndpointError("malformed", "token_type is not Bearer")
+    expires_in = data.get("expires_in")
+    if expires_in is not None:
+        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float | str):
+            raise TokenEndpointError("malformed", "expires_in is not a number")
+        try:
+            expires_in = float(expires_in)
+        except ValueError:
+            raise TokenEndpointError("malformed", "expires_in is not a number") from None
+        if not 0 < expires_in < 10**7:
+            raise TokenEndpointError("malformed", "expires_in is out of range")
+    refresh = data.get("refresh_token")
+    return Grant(
+        access_token=Secret(token),
+        expires_in=expires_in,
+        refresh_token=Secret(refresh) if isinstance(refresh, str) and refresh else None,
+    )
+
+
+class TokenClient:
+    """POSTs grants to the token endpoint over the proxy's one client session."""
+
+    def __init__(self, session: aiohttp.ClientSession, token_url: str, timeout: float) -> None:
+        self._session = session
+        self._url = token_url
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def request(self, cred: CredentialSet, form: dict[str, str]) -> Grant:
+        """One token request; the single boundary where client errors are translated."""
+        headers = {
+            "Authorization": basic_auth(cred),
+            "Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
+        try:
+            async with self._session.post(
+                self._url, data=urlencode(form).encode(), headers=headers,
+                timeout=self._timeout, allow_redirects=False,
+            ) as response:
+                body = await response.read()
+                status = response.status
+        except TimeoutError:
+            raise TokenEndpointError("timeout", "the token endpoint did not answer") from None
+        except aiohttp.ClientError as exc:
+            # str(exc) of a connection error names host and errno, never headers.
+            name = type(exc).__name__
+            raise TokenEndpointError("unreachable", f"token endpoint: {name}") from None
+        except asyncio.CancelledError:
+            raise
+        return parse_token_response(status, body)

@@ -1,0 +1,130 @@
+"""Which request targets are forwarded, where, and with which credential set (no I/O).
+
+A proxy that holds credentials must forward exactly what it is meant to. The rules:
+
+* Only origin-form targets (``/path?query``): absolute-form (``http://evil/``), asterisk
+  form and authority form are refused, so the upstream host never comes from a request.
+* The raw path is validated as sent and forwarded as sent. Anything that a later hop
+  could normalise into a different path is refused instead of being normalised here:
+  dot segments (also ``%2e``-encoded), encoded ``/`` or ``\\``, backslashes, empty
+  segments (``//host``), control bytes, non-ASCII and broken ``%`` escapes.
+* The path must lie under one of ``upstream.allowed_paths``, matched on whole segments.
+* The credential set comes from (SPEC §4) the listener's dedicated port, a first path
+  segment naming a set, the ``X-Bol-Credentials`` header, then ``default_credentials``.
+  Two of these naming different sets is refused rather than silently resolved, since a
+  wrong guess would spend one account's token on another account's request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from .errors import BadRequest, MethodNotAllowed, NotFound, UnknownCredentials
+
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+_HEX = frozenset("0123456789abcdefABCDEF")
+# Escapes that decode to a separator, a NUL/control byte or a dot (checked separately).
+_BAD_ESCAPES = frozenset({"2f", "5c"} | {f"{i:02x}" for i in range(0x20)} | {"7f"})
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one request goes: the set whose token it carries and the raw target."""
+
+    set_name: str
+    target: str  # raw path and query, exactly as forwarded
+
+
+def check_target(target: str) -> tuple[str, str]:
+    """Validate a raw request target; return (path, rest) where rest is ``?query`` or ''."""
+    if not target.startswith("/") or target.startswith("//"):
+        raise BadRequest("only origin-form request targets (/path?query) are accepted")
+    for ch in target:
+        if not "!" <= ch <= "~":
+            raise BadRequest("the request target holds a space, control or non-ASCII byte")
+    if "#" in target:
+        raise BadRequest("the request target holds a fragment")
+    path, sep, query = target.partition("?")
+    if "\\" in path:
+        raise BadRequest("the path holds a backslash")
+    _check_escapes(path, "path")
+    _check_escapes(query, "query")
+    segments = path[1:].split("/")
+    for i, segment in enumerate(segments):
+        if segment == "" and i != len(segments) - 1:
+            raise BadRequest("the path holds an empty segment (//)")
+        if segment.replace("%2e", ".").replace("%2E", ".") in (".", ".."):
+            raise BadRequest("the path holds a dot segment")
+    return path, sep + query
+
+
+def _check_escapes(text: str, where: str) -> None:
+    start = text.find("%")
+    while start != -1:
+        code = text[start + 1 : start + 3]
+        if len(code) != 2 or not set(code) <= _HEX:
+            raise BadRequest(f"the {where} holds a malformed percent escape")
+        if where == "path" and code.lower() in _BAD_ESCAPES:
+            raise BadRequest("the path holds an encoded separator or control byte")
+        if where == "query" and code.lower() == "00":
+            raise BadRequest("the query holds an encoded NUL byte")
+        start = text.find("%", start + 3)
+
+
+def under(path: str, prefixes: Collection[str]) -> bool:
+    """True when ``path`` equals a prefix or continues it after a ``/``."""
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+class Router:
+    """Resolves requests to routes for one configuration; built once per (re)load."""
+
+    def __init__(
+        self,
+        sets: Collection[str],
+        default: str | None,
+        allowed_paths: Collection[str],
+        dedicated_ports: Mapping[int, str],
+    ) -> None:
+        self._sets = frozenset(sets)
+        self._default = default
+        self._allowed = tuple(allowed_paths)
+        self._ports = dict(dedicated_ports)
+
+    def resolve(
+        self, method: str, target: str, header_set: str | None, local_port: int | None
+    ) -> Route:
+        """The route for one request, or the :class:`ProxyError` that answers it."""
+        if method in REFUSED_METHODS:
+            raise MethodNotAllowed(f"{method} is not forwarded")
+        path, query = check_target(target)
+        chosen: list[tuple[str, str]] = []  # (how, set name), in SPEC §4 order
+        if local_port is not None and local_port in self._ports:
+            chosen.append(("port", self._ports[local_port]))
+        first, slash, rest = path[1:].partition("/")
+        if first in self._sets:
+            chosen.append(("path", first))
+            path = "/" + rest
+        elif slash and not under(path, self._allowed) and under("/" + rest, self._allowed):
+            raise UnknownCredentials(f"no credential set named '{first}'")
+        if header_set is not None:
+            name = header_set.strip()
+            if name not in self._sets:
+                raise UnknownCredentials(
+                    f"no credential set named '{name[:64]}' (X-Bol-Credentials)")
+            chosen.append(("header", name))
+        if not under(path, self._allowed):
+            raise NotFound("the path is not under any of upstream.allowed_paths")
+        if not chosen:
+            if self._default is None:
+                raise UnknownCredentials(
+                    "no credential set chosen: prefix the path with /<set>, send "
+                    "X-Bol-Credentials: <set>, or configure default_credentials"
+                )
+            return Route(self._default, path + query)
+        names = {name for _, name in chosen}
+        if len(names) > 1:
+            said = ", ".join(f"{how} '{name}'" for how, name in chosen)
+            raise BadRequest(f"the request names different credential sets ({said})")
+        return Route(chosen[0][1], path + query)
