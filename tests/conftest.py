@@ -1,0 +1,141 @@
+"""Shared fixtures: a recording imitation of bol, the proxy in front of it, a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.app import ProxyServer
+from proxy.config import Config, validate
+from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, FakeBol, start_fake
+from proxy.tokens import Clock
+
+SECRET_B = "second-secret-value-0123456789"
+
+
+class FakeClock(Clock):
+    """A clock that moves only when a test says so; waits end when it passes them."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return 1_800_000_000.0 + self.now
+
+    async def wait(self, event: asyncio.Event, seconds: float) -> None:
+        if event.is_set():
+            return
+        timer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (self.now + seconds, timer)
+        self._sleepers.append(entry)
+        woken = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({timer, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            self._sleepers.remove(entry)
+
+    async def advance(self, seconds: float) -> None:
+        """Move time on, wake every wait that is due, and let the loop settle."""
+        self.now += seconds
+        for deadline, timer in list(self._sleepers):
+            if deadline <= self.now and not timer.done():
+                timer.set_result(None)
+        await settle()
+
+
+async def settle(rounds: int = 50) -> None:
+    """Let ready callbacks run (no wall-clock waiting)."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait, bounded, for a condition that real I/O will make true."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def bol() -> AsyncIterator[tuple[FakeBol, str]]:
+    """The recording imitation of bol.com, with a second client registered."""
+    fake = FakeBol(clients={DEMO_CLIENT_ID: DEMO_CLIENT_SECRET, "client-b": SECRET_B})
+    runner, url = await start_fake(fake)
+    yield fake, url
+    await runner.cleanup()
+
+
+def base_config(url: str, **overrides: Any) -> dict[str, Any]:
+    """A raw configuration pointing at ``url`` with sets ``seta`` (default) and ``setb``."""
+    raw: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "upstream": {"api_url": url, "token_url": url + "/token", "timeout": 10,
+                     "connect_timeout": 2},
+        "credentials": {
+            "seta": {"client_id": DEMO_CLIENT_ID, "client_secret": DEMO_CLIENT_SECRET},
+            "setb": {"client_id": "client-b", "client_secret": SECRET_B},
+        },
+        "default_credentials": "seta",
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return copy.deepcopy(raw)
+
+
+StartProxy = Callable[..., Awaitable[ProxyServer]]
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[StartProxy]:
+    """Start a ProxyServer for a raw configuration; stopped after the test."""
+    servers: list[ProxyServer] = []
+
+    async def start(raw: dict[str, Any], clock: Clock | None = None,
+                    rand: Callable[[], float] = lambda: 0.5) -> ProxyServer:
+        config: Config = validate(raw, source="test")
+        server = ProxyServer(config, clock=clock, rand=rand)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client, as a tool would be: no decompression, no cookies kept."""
+    async with aiohttp.ClientSession(auto_decompress=False,
+                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
+        yield session
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve an ad-hoc upstream on 127.0.0.1:0."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert server is not None and hasattr(server, "sockets")
+    return runner, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
