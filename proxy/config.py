@@ -148,7 +148,18 @@ def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    return validate(interpolate(raw, env), source=str(path))
+    raw = interpolate(raw, env)
+    # The listener variables are defaults under a file too, so that an image can set
+    # BOL_PROXY_HOST=0.0.0.0 once; a file that names listen.host/port wins.
+    listen = raw.get("listen")
+    if listen is None or isinstance(listen, dict):
+        listen = dict(listen or {})
+        for variable, key in (("BOL_PROXY_HOST", "host"), ("BOL_PROXY_PORT", "port")):
+            if env.get(variable) and key not in listen:
+                listen[key] = env[variable]
+        if listen:
+            raw["listen"] = listen
+    return validate(raw, source=str(path))
 
 
 def load_env(env: Mapping[str, str] | None = None) -> Config:
