@@ -20,13 +20,9 @@ from proxy import config as configuration
 from proxy import logs
 from proxy.app import ProxyServer
 from proxy.config import Config, Listen
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, ConfigFileError, StartupError
 
 log = logging.getLogger("proxy")
-
-
-class StartupError(Exception):
-    """The proxy could not start (a port in use, ...): exit status 1."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
 def config_loader(args: argparse.Namespace) -> Callable[[], Config]:
     """Loads the configuration as the command line says; used at start and on SIGHUP."""
     path = args.config or os.environ.get("BOL_PROXY_CONFIG") or None
+    if args.port is not None and not 0 <= args.port <= 65535:
+        # Validated like listen.port; unchecked, bind() fails with a traceback.
+        raise ConfigError(f"--port: must be between 0 and 65535, got {args.port}")
 
     def load() -> Config:
         config = configuration.load(path)
@@ -90,13 +89,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return asyncio.run(serve(config, load))
     except ConfigError as exc:
-        print(f"bol-proxy: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, configuration.ConfigFileError) else 2
+        _fail(args.log_format, str(exc))
+        return 1 if isinstance(exc, ConfigFileError) else 2
     except StartupError as exc:
-        print(f"bol-proxy: {exc}", file=sys.stderr)
+        _fail(args.log_format, str(exc))
         return 1
     except KeyboardInterrupt:
         return 0
+
+
+def _fail(log_format: str, message: str) -> None:
+    """One line on stderr: plain, or a JSON object like every other line in json mode."""
+    if log_format == "json":
+        log.error("%s", message)
+    else:
+        print(f"bol-proxy: {message}", file=sys.stderr)
 
 
 async def serve(config: Config, load: Callable[[], Config]) -> int:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
-from aiohttp import web
+from aiohttp import http_parser, web
 
 from .admin import Admin
 from .config import Config, CredentialSet
-from .errors import ConfigError
+from .errors import ConfigError, StartupError
 from .forward import Forwarder, Settings
 from .metrics import Metrics
 from .oauth import Grant, TokenClient, client_credentials_form
@@ -26,6 +26,7 @@ from .refresh import RefreshGrant, RefreshTokenFile
 from .tokens import Clock, Obtain, Tokens
 
 log = logging.getLogger("proxy")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 FORWARDER = web.AppKey("forwarder", Forwarder)
 ADMIN = web.AppKey("admin", Admin)
@@ -36,6 +37,19 @@ REFRESH_FILES = web.AppKey("refresh_files", dict[str, RefreshTokenFile])
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 POOL_SIZE = 256  # upstream connections kept at most; bol's rate limits bite long before
 KEEPALIVE = 75.0  # seconds an idle client connection is kept (as run_app does)
+
+
+def require_c_parser() -> None:
+    """Refuse to serve on aiohttp's pure-Python HTTP parser.
+
+    The C parser (llhttp) refuses Content-Length with Transfer-Encoding, duplicate
+    Content-Length, obs-fold and NUL in targets; the Python fallback has had request
+    smuggling flaws. It is missing when aiohttp was built without its extensions or
+    AIOHTTP_NO_EXTENSIONS is set.
+    """
+    if http_parser.HttpRequestParser is http_parser.HttpRequestParserPy:
+        raise StartupError("aiohttp runs without its C HTTP parser (AIOHTTP_NO_EXTENSIONS set, "
+                           "or an install without wheels); refusing to serve")
 
 
 def client_session(config: Config) -> aiohttp.ClientSession:
@@ -86,31 +100,27 @@ def build_app(config: Config, clock: Clock | None = None,
         tokens = Tokens(config, obtain_for, clock, rand, metrics.token_fetched)
         forwarder = Forwarder(Settings.from_config(config), tokens, session, metrics)
         app[FORWARDER] = forwarder
-        app[ADMIN] = Admin(lambda: forwarder.tokens, metrics)
         metrics.watch_tokens(lambda: forwarder.tokens.active(), clock.monotonic,
                              lambda name: _authorisation_expiry(files, name))
-        tokens.start()
         yield
         await tokens.close()
         await session.close()
 
     app.cleanup_ctx.append(resources)
 
-    async def admin_route(request: web.Request) -> web.StreamResponse:
-        handler = {
-            "/_proxy/health": app[ADMIN].health,
-            "/_proxy/ready": app[ADMIN].ready,
-            "/_proxy/metrics": app[ADMIN].metrics,
-        }.get(request.path)
-        if handler is None or request.method not in ("GET", "HEAD"):
-            raise web.HTTPNotFound()
-        return await handler(request)
+    admin = Admin(lambda: app[FORWARDER].tokens, metrics)
+    app[ADMIN] = admin
+    app.router.add_routes(admin.routes())
 
-    async def forward(request: web.Request) -> web.StreamResponse:
+    @web.middleware
+    async def dispatch(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Everything but /_proxy/ goes to the forwarder, including targets no route can
+        # match (CONNECT's authority form), so that every refusal is a problem answer.
+        if request.raw_path.startswith("/_proxy/"):
+            return await handler(request)
         return await app[FORWARDER].handle(request)
 
-    app.router.add_route("*", "/_proxy/{name:.*}", admin_route)
-    app.router.add_route("*", "/{tail:.*}", forward)
+    app.middlewares.append(dispatch)
     return app
 
 
@@ -142,12 +152,15 @@ class ProxyServer:
 
     async def start(self) -> None:
         """Start the application and every listener; raises OSError if a port is taken."""
+        require_c_parser()
         await self._runner.setup()
         try:
             await self._listen(self.config)
         except BaseException:
             await self._runner.cleanup()
             raise
+        # Only once listening: a proxy that cannot start must not spend token requests.
+        self.forwarder.tokens.start()
 
     def port(self, name: str | None = None) -> int:
         """The bound port of the main listener, or of set ``name``'s dedicated one."""

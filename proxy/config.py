@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigFileError
 
 SET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -187,7 +187,24 @@ def load_env(env: Mapping[str, str] | None = None) -> Config:
     ):
         if env.get(variable):
             raw[section][key] = env[variable]
-    return validate(raw, source="environment")
+    try:
+        return validate(raw, source="environment")
+    except ConfigError as exc:
+        # Name the variable the operator set, not the key it stands for.
+        message = str(exc)
+        for variable, key in _ENV_KEYS.items():
+            message = message.replace(key + ":", variable + ":", 1)
+        raise type(exc)(message) from None
+
+
+_ENV_KEYS = {
+    "BOL_PROXY_HOST": "listen.host",
+    "BOL_PROXY_PORT": "listen.port",
+    "BOL_API_URL": "upstream.api_url",
+    "BOL_TOKEN_URL": "upstream.token_url",
+    "BOL_CLIENT_ID": "credentials.default.client_id",
+    "BOL_CLIENT_SECRET_FILE": "credentials.default.client_secret_file",
+}
 
 
 def load(path: str | None, env: Mapping[str, str] | None = None) -> Config:
@@ -195,10 +212,6 @@ def load(path: str | None, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
     path = path or env.get("BOL_PROXY_CONFIG") or None
     return load_file(path, env) if path else load_env(env)
-
-
-class ConfigFileError(ConfigError):
-    """A file named by the configuration cannot be read (exit status 1, SPEC §2)."""
 
 
 def _reason(exc: BaseException) -> str:
@@ -216,10 +229,11 @@ def interpolate(value: Any, env: Mapping[str, str], path: str = "") -> Any:
 
     def substitute(match: re.Match[str]) -> str:
         name, fallback = match.group(1), match.group(2)
+        # As in sh, Compose and Kubernetes: ":-" also covers a variable set to "".
+        if fallback is not None and not env.get(name):
+            return fallback
         if name in env:
             return env[name]
-        if fallback is not None:
-            return fallback
         raise ConfigError(f"{path}: environment variable {name} is not set")
 
     return _VARIABLE.sub(substitute, value)
@@ -239,7 +253,8 @@ class _Section:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: must be a mapping, got {_show(raw)}")
+            # The type only: a misplaced value here may well be a secret.
+            raise ConfigError(f"{path}: must be a mapping, got {type(raw).__name__}")
         self.raw: dict[Any, Any] = dict(raw)
         self.path = path
 

@@ -221,9 +221,9 @@ def demo_config(base_url: str, port: int) -> dict[str, Any]:
 
 def run_demo(port: int) -> int:
     """Run the imitation and the proxy until interrupted."""
-    from .__main__ import StartupError
     from .app import ProxyServer
     from .config import validate
+    from .errors import StartupError
 
     async def main() -> int:
         fake = FakeBol(ttl=60)

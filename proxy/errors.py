@@ -11,6 +11,8 @@
     └── UpstreamTimeout             504 upstream-timeout
 
     ConfigError                     invalid configuration: exit status 2, never an HTTP answer
+    └── ConfigFileError             a file it names cannot be read: exit status 1
+    StartupError                    cannot listen, ...: exit status 1
 
 Each ProxyError knows its status and code (as httpx's exceptions and h11's
 ``error_status_hint`` do), so the forwarding code raises and a single place renders.
@@ -32,6 +34,14 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names the key path and the bad value."""
+
+
+class ConfigFileError(ConfigError):
+    """A file named by the configuration cannot be read (exit status 1, SPEC §2)."""
+
+
+class StartupError(Exception):
+    """The proxy could not start (a port in use, no C HTTP parser): exit status 1."""
 
 
 class ProxyError(Exception):

@@ -38,7 +38,7 @@ class FakeClock(Clock):
         timer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (self.now + seconds, timer)
         self._sleepers.append(entry)
-        woken = asyncio.ensure_future(event.wait())
+        woken = asyncio.get_running_loop().create_task(event.wait())
         try:
             await asyncio.wait({timer, woken}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -60,10 +60,10 @@ async def settle(rounds: int = 50) -> None:
         await asyncio.sleep(0)
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait, bounded, for a condition that real I/O will make true."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
+async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait, bounded, for a condition that real I/O elsewhere will make true."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - the condition has no event to wait on
             await asyncio.sleep(0.005)
 
 
