@@ -32,6 +32,7 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 ADMIN = web.AppKey("admin", Admin)
 METRICS = web.AppKey("metrics", Metrics)
 REFRESH_FILES = web.AppKey("refresh_files", dict[str, RefreshTokenFile])
+TOKEN_CLIENT = web.AppKey("token_client", TokenClient)
 
 # Headers aiohttp's client would add on its own; only what the tool sent goes to bol.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -82,6 +83,7 @@ def build_app(config: Config, clock: Clock | None = None,
         session = client_session(config)
         token_client = TokenClient(session, config.upstream.token_url,
                                    config.upstream.connect_timeout + 20)
+        app[TOKEN_CLIENT] = token_client
         files = app[REFRESH_FILES]
 
         def obtain_for(cred: CredentialSet) -> Obtain:
@@ -198,6 +200,7 @@ class ProxyServer:
             await self._listen(config)
         except OSError as exc:
             raise ConfigError(f"cannot listen as configured: {exc.strerror or exc}") from exc
+        self.app[TOKEN_CLIENT].url = config.upstream.token_url
         self.forwarder.settings = Settings.from_config(config)
         await self.forwarder.tokens.apply(config)
         self.config = config

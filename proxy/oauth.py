@@ -8,7 +8,6 @@ this module, inside :class:`TokenEndpointError`, whose message is written here.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import secrets
@@ -117,7 +116,7 @@ class TokenClient:
 
     def __init__(self, session: aiohttp.ClientSession, token_url: str, timeout: float) -> None:
         self._session = session
-        self._url = token_url
+        self.url = token_url
         self._timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def request(self, cred: CredentialSet, form: dict[str, str]) -> Grant:
@@ -129,7 +128,7 @@ class TokenClient:
         }
         try:
             async with self._session.post(
-                self._url, data=urlencode(form).encode(), headers=headers,
+                self.url, data=urlencode(form).encode(), headers=headers,
                 timeout=self._timeout, allow_redirects=False,
             ) as response:
                 body = await response.read()
@@ -140,6 +139,4 @@ class TokenClient:
             # str(exc) of a connection error names host and errno, never headers.
             name = type(exc).__name__
             raise TokenEndpointError("unreachable", f"token endpoint: {name}") from None
-        except asyncio.CancelledError:
-            raise
         return parse_token_response(status, body)

@@ -68,11 +68,14 @@ class RefreshTokenFile:
         """Read the file again next time (after bol refused the token in memory)."""
         self._current = None
 
-    def save(self, token: Secret) -> None:
+    def save(self, token: Secret, *, new_authorisation: bool = False) -> None:
         """Replace the file atomically; the in-memory copy is updated even if that fails,
-        so that the next refresh still uses the newest token."""
+        so that the next refresh still uses the newest token. ``new_authorisation``
+        (``bol-proxy authorize``) starts the one-year count again."""
         self._current = token
         write_atomic(self.path, token.reveal() + "\n")
+        if new_authorisation:
+            self._since_file().unlink(missing_ok=True)
         self._remember_first_use()
 
     def authorisation_expiry(self) -> float | None:
@@ -86,8 +89,11 @@ class RefreshTokenFile:
             return exp
         return self._remember_first_use() + AUTHORISATION_LIFETIME
 
+    def _since_file(self) -> Path:
+        return self.path.with_name(self.path.name + _SINCE_SUFFIX)
+
     def _remember_first_use(self) -> float:
-        since = self.path.with_name(self.path.name + _SINCE_SUFFIX)
+        since = self._since_file()
         try:
             return float(since.read_text(encoding="utf-8").strip())
         except (OSError, ValueError):

@@ -162,11 +162,17 @@ class TokenSource:
         del self._cache[self.cred]
         self._next_attempt = -math.inf
         self._after_401 = True
+        self._wake.set()  # the renewer fetches now, even if no request follows the 401
         log.info("set %s: token refused by the API (401), fetching a new one", self.cred.name)
         return True
 
     async def refresh(self) -> Token:
         """Fetch a token now, or join the fetch under way (single flight)."""
+        if self._closed:
+            # The set was removed or changed by a reload while this request was routed:
+            # an unowned fetch would put a token of a stale set back into the cache.
+            raise TokenUnavailable(f"credential set '{self.cred.name}' was just reconfigured; "
+                                   "retry the request", 1.0)
         if self._inflight is None:
             self._inflight = asyncio.create_task(self._fetch())  # noqa: TID251 - owned
         outcome = await asyncio.shield(self._inflight)
@@ -177,7 +183,6 @@ class TokenSource:
     # -- the fetch
 
     async def _fetch(self) -> Token | TokenEndpointError:
-        after_401, self._after_401 = self._after_401, False
         sent_at = self._clock.monotonic()
         try:
             grant = await self._obtain()
@@ -188,7 +193,14 @@ class TokenSource:
             return self._failed(TokenEndpointError("internal", type(exc).__name__))
         finally:
             self._inflight = None
-        token = self.policy.token(grant, sent_at, after_401=after_401)
+        # Whether this token replaces one bol refused is decided now, not when the fetch
+        # began: a 401 may arrive while it is under way, and a failed fetch replaces nothing.
+        token = self.policy.token(grant, sent_at, after_401=self._after_401)
+        if token.usable_until <= self._clock.monotonic():
+            # Expired on arrival (a slow answer or a tiny expires_in): never hand it out,
+            # and back off rather than fetch again at once.
+            return self._failed(TokenEndpointError("expired", "the token expired on arrival"))
+        self._after_401 = False
         self._cache[self.cred] = token
         if self.failures:
             log.info("set %s: token endpoint recovered after %d failed attempts",
@@ -231,6 +243,7 @@ class TokenSource:
             "malformed": "the token endpoint gave an unusable answer",
             "timeout": "the token endpoint did not answer in time",
             "unreachable": "the token endpoint is unreachable",
+            "expired": "the token endpoint answered with an already expired token",
         }.get(self.last_error, f"the last token request failed ({self.last_error})")
         if self.last_error in ("invalid_client", "unauthorized_client", "invalid_grant"):
             why = f"login.bol.com refused the credentials ({self.last_error})"
@@ -247,7 +260,8 @@ class TokenSource:
         self._start_renewer()
 
     def _start_renewer(self) -> None:
-        if not self._closed:
+        # One renewer per set: Tokens.start() runs again on every reload.
+        if not self._closed and self._renewer is None:
             self._renewer = asyncio.create_task(self._renew_loop())  # noqa: TID251 - owned
 
     async def _renew_loop(self) -> None:

@@ -1,0 +1,569 @@
+"""Configuration loading and validation (SPEC §3), driven through files in tmp_path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.config import (
+    DEFAULT_ALLOWED_PATHS,
+    Config,
+    CredentialSet,
+    Secret,
+    load,
+    load_env,
+    load_file,
+    summary,
+)
+from proxy.errors import ConfigError, ConfigFileError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "example.yaml"
+SECRET = "acme-secret-0123456789abcdef"
+SECRET_2 = "partner-secret-fedcba9876543210"
+
+BASE: dict[str, Any] = {
+    "credentials": {"acme": {"client_id": "acme-id", "client_secret": SECRET}},
+}
+
+
+def write(tmp_path: Path, content: dict[str, Any] | str, name: str = "proxy.yaml") -> Path:
+    """Write a configuration file; a dict is dumped as YAML, a str written as is."""
+    path = tmp_path / name
+    text = content if isinstance(content, str) else yaml.safe_dump(content)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def with_(**changes: Any) -> dict[str, Any]:
+    """BASE with top-level keys replaced (``None`` removes the key)."""
+    raw = copy.deepcopy(BASE)
+    for key, value in changes.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    return raw
+
+
+def acme(**changes: Any) -> dict[str, Any]:
+    """BASE with keys of the ``acme`` set replaced (``None`` removes the key)."""
+    raw = copy.deepcopy(BASE)
+    for key, value in changes.items():
+        if value is None:
+            raw["credentials"]["acme"].pop(key, None)
+        else:
+            raw["credentials"]["acme"][key] = value
+    return raw
+
+
+def error_of(tmp_path: Path, content: dict[str, Any] | str,
+             env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_file(write(tmp_path, content), env={} if env is None else env)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------ defaults
+
+
+def test_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
+    config = load_file(write(tmp_path, BASE), env={})
+    assert (config.listen.host, config.listen.port) == ("127.0.0.1", 8080)
+    assert config.upstream.api_url == "https://api.bol.com"
+    assert config.upstream.token_url == "https://login.bol.com/token"
+    assert (config.upstream.connect_timeout, config.upstream.timeout) == (10, 300)
+    assert config.upstream.ca_file is None
+    assert config.upstream.allowed_paths == DEFAULT_ALLOWED_PATHS
+    assert (config.limits.max_body_size, config.limits.replay_buffer) == (52_428_800, 1_048_576)
+    assert (config.tokens.refresh_margin, config.tokens.default_ttl,
+            config.tokens.idle_after) == (30, 299, 900)
+    assert config.shutdown_timeout == 30
+    cred = config.credentials["acme"]
+    assert (cred.client_id, cred.client_secret.reveal()) == ("acme-id", SECRET)
+    assert (cred.grant, cred.prefetch, cred.port) == ("client_credentials", True, None)
+    assert config.source == str(tmp_path / "proxy.yaml")
+
+
+def test_full_file_is_read_into_every_field(tmp_path: Path) -> None:
+    secret_file = tmp_path / "partner.secret"
+    secret_file.write_text(SECRET_2 + "\n")
+    raw = {
+        "listen": {"host": "0.0.0.0", "port": 9000},
+        "upstream": {"api_url": "http://127.0.0.1:1234/", "token_url": "http://127.0.0.1:1/t",
+                     "connect_timeout": 2.5, "timeout": 60, "allowed_paths": ["/retailer/"]},
+        "limits": {"max_body_size": 1000, "replay_buffer": 10},
+        "tokens": {"refresh_margin": 0, "default_ttl": 100, "idle_after": 5},
+        "shutdown_timeout": 3,
+        "credentials": {
+            "acme": {"client_id": "a", "client_secret": SECRET, "prefetch": False,
+                     "port": 9001},
+            "partner-shop": {"grant": "refresh_token", "client_id": "p",
+                             "client_secret_file": str(secret_file),
+                             "refresh_token_file": str(tmp_path / "p.refresh"),
+                             "redirect_uri": "https://partner.example/cb"},
+        },
+        "default_credentials": "partner-shop",
+    }
+    config = load_file(write(tmp_path, raw), env={})
+    assert (config.listen.host, config.listen.port) == ("0.0.0.0", 9000)
+    assert config.upstream.api_url == "http://127.0.0.1:1234"  # trailing slash dropped
+    assert config.upstream.allowed_paths == ("/retailer",)
+    assert (config.limits.max_body_size, config.limits.replay_buffer) == (1000, 10)
+    assert config.tokens.refresh_margin == 0
+    assert config.shutdown_timeout == 3
+    assert config.credentials["acme"].prefetch is False
+    assert config.dedicated_ports() == {9001: "acme"}
+    partner = config.credentials["partner-shop"]
+    assert partner.grant == "refresh_token"
+    assert partner.client_secret.reveal() == SECRET_2
+    assert partner.refresh_token_file == tmp_path / "p.refresh"
+    assert partner.redirect_uri == "https://partner.example/cb"
+    assert config.default_credentials == "partner-shop"
+
+
+# ------------------------------------------------------------------ interpolation
+
+
+def test_variables_and_fallbacks_are_interpolated(tmp_path: Path) -> None:
+    text = (
+        "listen:\n  port: ${PORT}\n  host: ${HOST:-0.0.0.0}\n"
+        "upstream:\n  api_url: ${SCHEME:-https}://${API_HOST}/\n"
+        "credentials:\n  acme:\n    client_id: id-${SUFFIX:-}x\n"
+        "    client_secret: ${ACME_SECRET}\n    prefetch: ${PREFETCH:-false}\n"
+    )
+    env = {"PORT": "9090", "API_HOST": "api.example", "ACME_SECRET": SECRET}
+    config = load_file(write(tmp_path, text), env=env)
+    assert config.listen.port == 9090
+    assert config.listen.host == "0.0.0.0"
+    assert config.upstream.api_url == "https://api.example"
+    assert config.credentials["acme"].client_id == "id-x"
+    assert config.credentials["acme"].client_secret.reveal() == SECRET
+    assert config.credentials["acme"].prefetch is False
+
+
+def test_a_set_variable_wins_over_its_fallback(tmp_path: Path) -> None:
+    text = "listen:\n  host: ${HOST:-0.0.0.0}\n" + yaml.safe_dump(BASE)
+    config = load_file(write(tmp_path, text), env={"HOST": "10.1.2.3"})
+    assert config.listen.host == "10.1.2.3"
+
+
+def test_an_empty_variable_takes_its_fallback_like_a_shell(tmp_path: Path) -> None:
+    # ${NAME:-fallback} means "unset or empty" in sh, Docker Compose and Kubernetes
+    # manifests; an orchestrator that sets HOST= expects the fallback.
+    text = "listen:\n  host: ${HOST:-0.0.0.0}\n" + yaml.safe_dump(BASE)
+    config = load_file(write(tmp_path, text), env={"HOST": ""})
+    assert config.listen.host == "0.0.0.0"
+
+
+def test_interpolated_values_are_not_interpolated_again(tmp_path: Path) -> None:
+    text = "credentials:\n  acme:\n    client_id: id\n    client_secret: ${ACME_SECRET}\n"
+    config = load_file(write(tmp_path, text), env={"ACME_SECRET": "${OTHER}$x"})
+    assert config.credentials["acme"].client_secret.reveal() == "${OTHER}$x"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "variable"),
+    [
+        ("credentials:\n  acme:\n    client_id: id\n    client_secret: ${ACME_SECRET}\n",
+         "credentials.acme.client_secret", "ACME_SECRET"),
+        ("upstream:\n  allowed_paths: [/retailer, '/x${ROOT}']\n" + yaml.safe_dump(BASE),
+         "upstream.allowed_paths[1]", "ROOT"),
+    ],
+)
+def test_unset_variable_is_an_error_naming_variable_and_key(
+    tmp_path: Path, text: str, key: str, variable: str
+) -> None:
+    message = error_of(tmp_path, text, env={"UNRELATED": "1"})
+    assert message.startswith(key + ":")
+    assert variable in message
+
+
+# ---------------------------------------------------------------- structure errors
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (with_(listen={"colour": "blue"}), "listen.colour"),
+        (with_(colour="blue"), "colour"),
+        (with_(upstream={"timeout": 5, "time_out": 5}), "upstream.time_out"),
+        (with_(tokens={"refresh": 3}), "tokens.refresh"),
+        (with_(limits={"max_body": 3}), "limits.max_body"),
+        (acme(client_secrt="x"), "credentials.acme.client_secrt"),
+    ],
+)
+def test_unknown_key_is_rejected_with_its_path(
+    tmp_path: Path, raw: dict[str, Any], key: str
+) -> None:
+    message = error_of(tmp_path, raw)
+    assert message.startswith(key + ":")
+    assert "unknown key" in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "shown"),
+    [
+        (with_(listen={"port": "eighty"}), "listen.port", "'eighty'"),
+        (with_(listen={"port": 70000}), "listen.port", "70000"),
+        (with_(listen={"port": 80.5}), "listen.port", "80.5"),
+        (with_(listen={"port": True}), "listen.port", "True"),
+        (with_(upstream={"timeout": "soon"}), "upstream.timeout", "'soon'"),
+        (with_(upstream={"connect_timeout": 0}), "upstream.connect_timeout", "0"),
+        (with_(upstream={"api_url": "ftp://api.bol.com"}), "upstream.api_url", "ftp://api.bol.com"),
+        (with_(upstream={"token_url": "https://login.bol.com/token?x=1"}), "upstream.token_url",
+         "x=1"),
+        (with_(upstream={"allowed_paths": ["retailer"]}), "upstream.allowed_paths[0]",
+         "'retailer'"),
+        (with_(upstream={"allowed_paths": ["/retailer", "/a/../b"]}), "upstream.allowed_paths[1]",
+         "/a/../b"),
+        (with_(limits={"max_body_size": -1}), "limits.max_body_size", "-1"),
+        (with_(tokens={"refresh_margin": -5}), "tokens.refresh_margin", "-5"),
+        (with_(tokens={"default_ttl": float("nan")}), "tokens.default_ttl", "nan"),
+        (with_(shutdown_timeout=[1]), "shutdown_timeout", "[1]"),
+        (acme(prefetch="maybe"), "credentials.acme.prefetch", "'maybe'"),
+        (acme(port="http"), "credentials.acme.port", "'http'"),
+        (acme(port=0), "credentials.acme.port", "0"),
+        (acme(grant="password"), "credentials.acme.grant", "'password'"),
+    ],
+)
+def test_type_error_names_key_and_value(
+    tmp_path: Path, raw: dict[str, Any], key: str, shown: str
+) -> None:
+    message = error_of(tmp_path, raw)
+    assert message.startswith(key + ":")
+    assert shown in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [(with_(listen=8080), "listen"), (with_(upstream=["a"]), "upstream"),
+     (with_(credentials=["acme"]), "credentials")],
+)
+def test_a_section_that_is_not_a_mapping_is_named(
+    tmp_path: Path, raw: dict[str, Any], key: str
+) -> None:
+    message = error_of(tmp_path, raw)
+    assert message.startswith(key + ":")
+    assert "mapping" in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (acme(client_id=None), "credentials.acme.client_id"),
+        (acme(client_secret=None), "credentials.acme"),
+        (acme(client_secret=""), "credentials.acme.client_secret"),
+        (acme(client_secret_file="/x"), "credentials.acme.client_secret"),  # both given
+        (acme(grant="refresh_token"), "credentials.acme.refresh_token_file"),
+        (acme(redirect_uri="https://x.example/cb"), "credentials.acme.redirect_uri"),
+        (with_(credentials=None), "credentials"),
+        (with_(credentials={}), "credentials"),
+    ],
+)
+def test_missing_or_contradictory_set_keys_are_errors_naming_the_key(
+    tmp_path: Path, raw: dict[str, Any], key: str
+) -> None:
+    assert error_of(tmp_path, raw).startswith(key + ":")
+
+
+@pytest.mark.parametrize(
+    "text", ["listen: [unclosed\n", "- a list\n- at the top\n", "just text\n"]
+)
+def test_a_file_that_is_not_a_mapping_of_keys_is_a_config_error(
+    tmp_path: Path, text: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_file(write(tmp_path, text), env={})
+    assert not isinstance(info.value, ConfigFileError)
+    assert str(tmp_path / "proxy.yaml") in str(info.value)
+
+
+def test_an_empty_file_fails_for_want_of_credentials(tmp_path: Path) -> None:
+    assert error_of(tmp_path, "").startswith("credentials:")
+
+
+def test_an_unreadable_configuration_file_is_a_file_error_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigFileError, match=r"nope\.yaml"):
+        load_file(missing, env={})
+
+
+# ----------------------------------------------------------------------- secrets
+
+
+@pytest.mark.parametrize("content", [SECRET + "\n", SECRET + "\r\n", SECRET])
+def test_secret_file_is_read_with_its_trailing_newline_stripped(
+    tmp_path: Path, content: str
+) -> None:
+    secret_file = tmp_path / "acme.secret"
+    secret_file.write_text(content, encoding="utf-8", newline="")
+    config = load_file(write(tmp_path, acme(client_secret=None,
+                                             client_secret_file=str(secret_file))), env={})
+    assert config.credentials["acme"].client_secret.reveal() == SECRET
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory"])
+def test_unreadable_secret_file_is_a_file_error_naming_key_and_file(
+    tmp_path: Path, kind: str
+) -> None:
+    target = tmp_path / "acme.secret"
+    if kind == "directory":
+        target.mkdir()
+    with pytest.raises(ConfigFileError) as info:
+        load_file(write(tmp_path, acme(client_secret=None, client_secret_file=str(target))),
+                  env={})
+    assert "credentials.acme.client_secret_file" in str(info.value)
+    assert str(target) in str(info.value)
+
+
+def test_empty_secret_file_is_a_config_error(tmp_path: Path) -> None:
+    target = tmp_path / "acme.secret"
+    target.write_text("\n")
+    message = error_of(tmp_path, acme(client_secret=None, client_secret_file=str(target)))
+    assert message.startswith("credentials.acme.client_secret_file:")
+
+
+def test_unreadable_ca_file_is_a_file_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigFileError, match=r"upstream\.ca_file"):
+        load_file(write(tmp_path, with_(upstream={"ca_file": str(tmp_path / "no.pem")})), env={})
+
+
+def test_secret_masks_itself_in_repr_str_and_format() -> None:
+    secret = Secret(SECRET)
+    for shown in (repr(secret), str(secret), f"{secret}", f"{secret!r}", format(secret),
+                  repr([secret]), repr({"k": secret})):
+        assert SECRET not in shown
+        assert "*" in shown
+    assert secret.reveal() == SECRET
+
+
+def test_secrets_compare_by_value() -> None:
+    assert Secret("a") == Secret("a")
+    assert Secret("a") != Secret("b")
+    assert len({Secret("a"), Secret("a")}) == 1
+
+
+def test_repr_of_config_and_set_never_holds_the_secret(tmp_path: Path) -> None:
+    config = load_file(write(tmp_path, BASE), env={})
+    cred = config.credentials["acme"]
+    assert isinstance(cred, CredentialSet)
+    for shown in (repr(config), str(config), repr(cred), str(cred), f"{cred}"):
+        assert SECRET not in shown
+    assert "acme-id" in repr(cred)  # the set itself is still shown
+
+
+def test_summary_lines_never_hold_the_secret(tmp_path: Path) -> None:
+    secret_file = tmp_path / "p.secret"
+    secret_file.write_text(SECRET_2)
+    raw = with_(credentials={
+        "acme": {"client_id": "acme-id", "client_secret": SECRET, "port": 9001},
+        "partner": {"grant": "refresh_token", "client_id": "p-id",
+                    "client_secret_file": str(secret_file),
+                    "refresh_token_file": str(tmp_path / "p.refresh")},
+    }, default_credentials="acme")
+    lines = list(summary(load_file(write(tmp_path, raw), env={})))
+    text = "\n".join(lines)
+    assert SECRET not in text and SECRET_2 not in text
+    assert "acme-id" in text and "p-id" in text and "port 9001" in text
+    assert "(default: acme)" in text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a list of sets instead of a mapping of sets
+        f"credentials:\n  - {{client_secret: {SECRET}}}\n",
+        # the secret written where the set's mapping belongs
+        f"credentials:\n  acme: {SECRET}\n",
+    ],
+)
+def test_a_misshaped_credentials_section_does_not_echo_the_secret(
+    tmp_path: Path, text: str
+) -> None:
+    # The message reaches stderr and the logs on SIGHUP (SPEC §3.2: never a secret).
+    message = error_of(tmp_path, text)
+    assert message.startswith("credentials")
+    assert SECRET not in message
+
+
+# ------------------------------------------------------------------------- sets
+
+
+@pytest.mark.parametrize(
+    "name", ["Acme", "_proxy", "-acme", "acme shop", "acme.shop", "acmé", "retailer",
+             "shared-demo", "advertiser"]
+)
+def test_set_name_outside_the_rules_is_rejected(tmp_path: Path, name: str) -> None:
+    raw = with_(credentials={name: {"client_id": "i", "client_secret": "s"}})
+    assert error_of(tmp_path, raw).startswith(f"credentials.{name}:")
+
+
+def test_set_name_rule_follows_the_configured_allowed_paths(tmp_path: Path) -> None:
+    raw = with_(upstream={"allowed_paths": ["/retailer", "/v2/things"]},
+                credentials={"shared": {"client_id": "i", "client_secret": "s"}})
+    assert set(load_file(write(tmp_path, raw), env={}).credentials) == {"shared"}
+    raw["credentials"] = {"v2": {"client_id": "i", "client_secret": "s"}}
+    assert error_of(tmp_path, raw).startswith("credentials.v2:")
+
+
+@pytest.mark.parametrize("name", ["acme", "a", "0shop", "partner-shop", "shop_2", "retailers"])
+def test_set_name_within_the_rules_is_accepted(tmp_path: Path, name: str) -> None:
+    raw = with_(credentials={name: {"client_id": "i", "client_secret": "s"}})
+    assert load_file(write(tmp_path, raw), env={}).default_credentials == name
+
+
+def test_one_set_is_the_implied_default(tmp_path: Path) -> None:
+    assert load_file(write(tmp_path, BASE), env={}).default_credentials == "acme"
+
+
+def test_two_sets_without_a_default_have_none(tmp_path: Path) -> None:
+    raw = with_(credentials={"a": {"client_id": "i", "client_secret": "s"},
+                             "b": {"client_id": "j", "client_secret": "t"}})
+    assert load_file(write(tmp_path, raw), env={}).default_credentials is None
+
+
+def test_default_naming_no_set_is_rejected(tmp_path: Path) -> None:
+    message = error_of(tmp_path, with_(default_credentials="acne"))
+    assert message.startswith("default_credentials:")
+    assert "acne" in message
+
+
+@pytest.mark.parametrize(
+    ("listen_port", "ports", "key"),
+    [
+        (8080, {"a": 8080}, "credentials.a.port"),
+        (8080, {"a": 9001, "b": 9001}, "credentials.b.port"),
+    ],
+)
+def test_a_port_used_twice_is_rejected(
+    tmp_path: Path, listen_port: int, ports: dict[str, int], key: str
+) -> None:
+    raw = with_(listen={"port": listen_port}, default_credentials="a", credentials={
+        name: {"client_id": name, "client_secret": "s", "port": port}
+        for name, port in ports.items()
+    })
+    message = error_of(tmp_path, raw)
+    assert message.startswith(key + ":")
+    assert str(next(iter(ports.values()))) in message
+
+
+# ------------------------------------------------------------------- zero-config
+
+
+def test_zero_config_defines_one_default_set_from_the_environment() -> None:
+    config = load_env({"BOL_CLIENT_ID": "zid", "BOL_CLIENT_SECRET": SECRET})
+    assert list(config.credentials) == ["default"]
+    assert config.default_credentials == "default"
+    assert config.credentials["default"].client_id == "zid"
+    assert config.credentials["default"].client_secret.reveal() == SECRET
+    assert (config.listen.host, config.listen.port) == ("127.0.0.1", 8080)
+    assert config.upstream.api_url == "https://api.bol.com"
+    assert config.source == "environment"
+
+
+def test_zero_config_reads_listener_and_upstream_variables() -> None:
+    config = load_env({
+        "BOL_CLIENT_ID": "zid", "BOL_CLIENT_SECRET": SECRET,
+        "BOL_PROXY_HOST": "0.0.0.0", "BOL_PROXY_PORT": "9999",
+        "BOL_API_URL": "http://api.test:81", "BOL_TOKEN_URL": "http://login.test/token",
+    })
+    assert (config.listen.host, config.listen.port) == ("0.0.0.0", 9999)
+    assert config.upstream.api_url == "http://api.test:81"
+    assert config.upstream.token_url == "http://login.test/token"
+
+
+def test_zero_config_secret_file_is_read_and_stripped(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    config = load_env({"BOL_CLIENT_ID": "zid", "BOL_CLIENT_SECRET_FILE": str(secret_file)})
+    assert config.credentials["default"].client_secret.reveal() == SECRET
+
+
+def test_zero_config_missing_secret_file_is_a_file_error_naming_the_variable(
+    tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigFileError) as info:
+        load_env({"BOL_CLIENT_ID": "zid", "BOL_CLIENT_SECRET_FILE": str(tmp_path / "missing")})
+    assert "BOL_CLIENT_SECRET_FILE" in str(info.value)
+    assert str(tmp_path / "missing") in str(info.value)
+
+
+@pytest.mark.parametrize("env", [{}, {"BOL_PROXY_PORT": "9000"}, {"BOL_CLIENT_ID": ""}])
+def test_zero_config_without_credentials_says_how_to_configure(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_env(env)
+    message = str(info.value)
+    for hint in ("--config", "BOL_PROXY_CONFIG", "BOL_CLIENT_ID", "BOL_CLIENT_SECRET"):
+        assert hint in message
+
+
+def test_zero_config_id_without_secret_names_the_missing_variables() -> None:
+    with pytest.raises(ConfigError, match="BOL_CLIENT_SECRET"):
+        load_env({"BOL_CLIENT_ID": "zid"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("BOL_PROXY_PORT", "eighty"), ("BOL_PROXY_PORT", "70000"), ("BOL_API_URL", "api.bol.com"),
+     ("BOL_TOKEN_URL", "ftp://login.bol.com/token")],
+)
+def test_zero_config_bad_value_is_an_error_naming_variable_and_value(
+    variable: str, value: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_env({"BOL_CLIENT_ID": "zid", "BOL_CLIENT_SECRET": "s", variable: value})
+    assert str(info.value).startswith(variable + ":")
+    assert value in str(info.value)
+
+
+# ---------------------------------------------------------------------- precedence
+
+
+def _port_file(tmp_path: Path, port: int) -> str:
+    return str(write(tmp_path, with_(listen={"port": port}), name=f"p{port}.yaml"))
+
+
+ZERO = {"BOL_CLIENT_ID": "zid", "BOL_CLIENT_SECRET": "s", "BOL_PROXY_PORT": "7000"}
+
+
+def test_load_prefers_the_path_over_the_variable_and_the_environment(tmp_path: Path) -> None:
+    env = {**ZERO, "BOL_PROXY_CONFIG": _port_file(tmp_path, 7001)}
+    assert load(_port_file(tmp_path, 7002), env).listen.port == 7002
+
+
+def test_load_prefers_the_config_variable_over_zero_config(tmp_path: Path) -> None:
+    env = {**ZERO, "BOL_PROXY_CONFIG": _port_file(tmp_path, 7001)}
+    assert load(None, env).listen.port == 7001
+
+
+@pytest.mark.parametrize("env", [ZERO, {**ZERO, "BOL_PROXY_CONFIG": ""}])
+def test_load_falls_back_to_zero_config(env: dict[str, str]) -> None:
+    config = load(None, env)
+    assert (config.source, config.listen.port) == ("environment", 7000)
+
+
+def test_load_interpolates_from_the_given_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "credentials:\n  acme: {client_id: '${ID}', client_secret: s}\n")
+    assert load(str(path), {"ID": "from-env"}).credentials["acme"].client_id == "from-env"
+
+
+def test_example_configuration_is_valid_and_takes_its_values_from_the_environment() -> None:
+    config = load_file(EXAMPLE, env={})
+    assert config.default_credentials in config.credentials
+    assert (config.listen.host, config.listen.port) == ("127.0.0.1", 8080)
+    env = {"BOL_PROXY_HOST": "0.0.0.0", "BOL_PROXY_PORT": "9000",
+           "ACME_CLIENT_ID": "acme-id", "ACME_CLIENT_SECRET": SECRET}
+    config = load_file(EXAMPLE, env=env)
+    assert (config.listen.host, config.listen.port) == ("0.0.0.0", 9000)
+    assert config.credentials["acme"].client_secret.reveal() == SECRET
+    assert SECRET not in "\n".join(summary(config))
+
+
+def test_config_is_immutable(tmp_path: Path) -> None:
+    config: Config = load_file(write(tmp_path, BASE), env={})
+    with pytest.raises(AttributeError):
+        config.listen.port = 1  # type: ignore[misc]
