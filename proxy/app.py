@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import http_parser, web
 
+from . import logs
 from .admin import Admin
 from .config import Config, CredentialSet
 from .errors import ConfigError, StartupError
@@ -137,6 +138,7 @@ class ProxyServer:
     def __init__(self, config: Config, clock: Clock | None = None,
                  rand: Callable[[], float] = random.random) -> None:
         self.config = config
+        logs.quiet_malformed_requests()
         self.app = build_app(config, clock, rand)
         self._runner = web.AppRunner(
             self.app,

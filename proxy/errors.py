@@ -5,6 +5,7 @@
     ├── BadRequest                  400 bad-request
     ├── NotFound                    404 not-found
     ├── MethodNotAllowed            405 method-not-allowed
+    ├── RequestTimeout              408 request-timeout
     ├── BodyTooLarge                413 body-too-large
     ├── UpstreamUnreachable         502 upstream-unreachable
     ├── TokenUnavailable            503 token-unavailable (+ Retry-After)
@@ -82,6 +83,12 @@ class MethodNotAllowed(ProxyError):
     status = 405
     code = "method-not-allowed"
     title = "Method not allowed"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    code = "request-timeout"
+    title = "Request body too slow"
 
 
 class BodyTooLarge(ProxyError):

@@ -22,6 +22,7 @@ only, and never with their text (``repr`` of some of them contains request heade
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -37,6 +38,7 @@ from .errors import (
     BadRequest,
     BodyTooLarge,
     ProxyError,
+    RequestTimeout,
     UpstreamTimeout,
     UpstreamUnreachable,
     problem_response,
@@ -49,6 +51,7 @@ from .tokens import Token, Tokens, TokenSource
 log = logging.getLogger("proxy")
 access_log = logging.getLogger("proxy.access")
 
+_LARGE_BYTES = 2**20  # aiohttp's TOO_LARGE_BYTES_BODY
 SMALL_RESPONSE = 64 * 1024  # answered in one piece: measurably faster than streaming
 _NO_BODY_STATUSES = frozenset({204, 304})
 _TRANSFER_ENCODING = istr("Transfer-Encoding")
@@ -92,8 +95,12 @@ class Body:
     def replayable(self) -> bool:
         return self._rest is None
 
-    def payload(self) -> bytes | AsyncIterator[bytes] | None:
-        return self.data if self._rest is None else self._stream()
+    def payload(self) -> bytes | io.BytesIO | AsyncIterator[bytes] | None:
+        if self._rest is not None:
+            return self._stream()
+        if self.data is not None and len(self.data) > _LARGE_BYTES:
+            return io.BytesIO(self.data)  # aiohttp writes large bytes in one blocking go
+        return self.data
 
     async def _stream(self) -> AsyncIterator[bytes]:
         assert self._rest is not None
@@ -174,6 +181,9 @@ class Forwarder:
         except ProxyError as exc:
             response = problem_response(exc)
             exchange.error = exc.code
+            if isinstance(exc, RequestTimeout | BodyTooLarge | BadRequest):
+                # The rest of the body, if any, is not wanted: don't wait to drain it.
+                response.force_close()
         except asyncio.CancelledError:
             log.debug("client went away: %s %s", request.method, exchange.path)
             raise
@@ -195,7 +205,14 @@ class Forwarder:
         exchange.set_name = route.set_name
         source = self.tokens.source(route.set_name)
         limits = settings.config.limits
-        body = await read_body(request, limits.max_body_size, limits.replay_buffer)
+        try:
+            # A client trickling its body must not hold the handler for ever: the
+            # buffered part gets the same ceiling as the whole upstream exchange.
+            async with asyncio.timeout(settings.config.upstream.timeout):
+                body = await read_body(request, limits.max_body_size, limits.replay_buffer)
+        except TimeoutError:
+            raise RequestTimeout("the request body did not arrive within upstream.timeout "
+                                 f"({settings.config.upstream.timeout:g} s)") from None
         url = URL(settings.api_base + route.target, encoded=True)
         token = await source.get()
         upstream = await self._send(request, settings, url, token, body, exchange)
@@ -242,7 +259,11 @@ class Forwarder:
 
     async def _relay(self, request: web.BaseRequest,
                      upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        headers = client_response_headers(upstream.headers)
+        try:
+            headers = client_response_headers(upstream.raw_headers)
+        except ProxyError:
+            upstream.close()  # unread: the connection cannot be reused
+            raise
         status = upstream.status
         if request.method == "HEAD" or status in _NO_BODY_STATUSES:
             upstream.release()

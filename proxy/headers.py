@@ -8,9 +8,12 @@ repeated fields included, byte for byte.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+from .errors import BadRequest, UpstreamUnreachable
 
 CREDENTIALS_HEADER = istr("X-Bol-Credentials")
 
@@ -36,10 +39,27 @@ HOP_BY_HOP: frozenset[istr] = frozenset(
 _NOT_FORWARDED_UP = HOP_BY_HOP | {istr("Host"), istr("Authorization"), istr("Expect"),
                                   CREDENTIALS_HEADER}
 
+# Names are compared lowercased: multidict's istr hashes by its original spelling, so
+# "x-bol-credentials" is not found in a set holding istr("X-Bol-Credentials"), and aiohttp
+# canonicalises only the header names it knows (Proxy-Connection is not among them).
+_HOP_BY_HOP_LOWER = frozenset(name.lower() for name in HOP_BY_HOP)
+_NOT_FORWARDED_UP_LOWER = frozenset(name.lower() for name in _NOT_FORWARDED_UP)
+
 # Headers whose values are credentials: redacted wherever headers are printed
 # (as httpx's SENSITIVE_HEADERS).
 SENSITIVE = frozenset(istr(h) for h in ("Authorization", "Proxy-Authorization", "Cookie",
                                        "Set-Cookie"))
+_SENSITIVE_LOWER = frozenset(name.lower() for name in SENSITIVE)
+
+
+# What aiohttp cannot write back as it read it: bytes that are not UTF-8 arrive as lone
+# surrogates, which its C header writer silently drops ("caf\xe9" would leave as "caf"), and
+# control characters (RFC 9110 §5.5), which it refuses with a ValueError mid-response.
+_UNWRITABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+
+
+def _writable(name: str, value: str) -> bool:
+    return _UNWRITABLE.search(name) is None and _UNWRITABLE.search(value) is None
 
 
 def connection_listed(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[istr]:
@@ -62,31 +82,46 @@ def upstream_request_headers(
     ``keep_length`` keeps the client's Content-Length when the body is streamed through
     as declared; a buffered body gets its length from the client library instead.
     """
-    drop = _NOT_FORWARDED_UP
+    drop = _NOT_FORWARDED_UP_LOWER
     if "Connection" in incoming:
-        drop = drop | connection_listed(incoming)
+        drop = drop | {name.lower() for name in connection_listed(incoming)}
     if not keep_length:
-        drop = drop | {istr("Content-Length")}
+        drop = drop | {"content-length"}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        if name not in drop:
+        if name.lower() not in drop:
+            if not _writable(name, value):
+                raise BadRequest("a request header holds bytes that are not UTF-8 and "
+                                 "cannot be forwarded unchanged")
             out.add(name, value)
     out["Authorization"] = "Bearer " + bearer
     return out
 
 
-def client_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """What goes back to the tool: bol's headers minus the hop-by-hop ones."""
-    drop = HOP_BY_HOP
-    if "Connection" in upstream:
-        drop = drop | connection_listed(upstream)
+def client_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """What goes back to the tool: bol's headers, names spelled as bol spelled them
+    (aiohttp's parsed view re-cases the names it knows), minus the hop-by-hop ones.
+
+    A header that cannot be passed on unchanged makes the answer a protocol failure
+    (:class:`UpstreamUnreachable`, 502) rather than a silently altered one.
+    """
+    # Decoded as aiohttp decodes them, so that the writability check below holds.
+    fields = [(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+              for n, v in raw]
+    drop = _HOP_BY_HOP_LOWER
+    listed = [v for n, v in fields if n.lower() == "connection"]
+    if listed:
+        drop = drop | {t.strip().lower() for v in listed for t in v.split(",") if t.strip()}
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        if name not in drop:
+    for name, value in fields:
+        if name.lower() not in drop:
+            if not _writable(name, value):
+                raise UpstreamUnreachable("the upstream sent a header that cannot be passed "
+                                          "on unchanged (control or non-UTF-8 bytes)")
             out.add(name, value)
     return out
 
 
 def redacted(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Headers fit for a log line: credential values replaced by ``[redacted]``."""
-    return [(k, "[redacted]" if istr(k) in SENSITIVE else v) for k, v in headers]
+    return [(k, "[redacted]" if k.lower() in _SENSITIVE_LOWER else v) for k, v in headers]

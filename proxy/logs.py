@@ -13,6 +13,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("text", "json")
 
@@ -35,6 +37,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs each request its parser refuses at ERROR with a traceback, so any
+    client could fill the log. The client already got its 400: note it at debug level,
+    by exception type only (the parser's message can quote the client's bytes)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            logging.getLogger("proxy").debug("refused a malformed request (%s)",
+                                             type(exc).__name__)
+            return False
+        return True
+
+
+def quiet_malformed_requests() -> None:
+    """Install :class:`MalformedRequestFilter` on aiohttp's server logger (once)."""
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server.filters):
+        server.addFilter(MalformedRequestFilter())
+
+
 def configure(level: str = "info", fmt: str = "text") -> None:
     """Install one handler on the root logger, writing to stderr."""
     handler = logging.StreamHandler(sys.stderr)
@@ -49,4 +72,5 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     # aiohttp's access logger formats every request even when nobody reads it.
     logging.getLogger("aiohttp.access").disabled = True
+
     logging.captureWarnings(True)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.app import ProxyServer
 from proxy.config import Config, validate
@@ -17,6 +21,7 @@ from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, FakeBol, start_fake
 from proxy.tokens import Clock
 
 SECRET_B = "second-secret-value-0123456789"
+MB = 1024 * 1024
 
 
 class FakeClock(Clock):
@@ -139,3 +144,53 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
     server = site._server
     assert server is not None and hasattr(server, "sockets")
     return runner, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+# ------------------------------------------------------------ raw HTTP and answers
+
+
+def free_port() -> int:
+    """A port nobody listens on (bound once by the kernel, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def raw_request(port: int, data: bytes, seconds: float = 5.0) -> bytes:
+    """Write ``data`` to the proxy and return all it answers until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    received = bytearray()
+    try:
+        writer.write(data)
+        async with asyncio.timeout(seconds):
+            while chunk := await reader.read(65536):
+                received += chunk
+    except ConnectionResetError:
+        pass  # a server may reset after answering a request whose body it did not read
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return bytes(received)
+
+
+def split_response(raw: bytes) -> tuple[int, CIMultiDict[str], bytes]:
+    """Status, headers and the bytes after the head of one raw HTTP/1.x answer."""
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    assert sep, f"no complete response head in {raw[:200]!r}"
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.add(name.strip(), value.strip())
+    return status, headers, rest
+
+
+async def problem(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    """The proxy's own problem document (SPEC §7)."""
+    assert resp.headers["Content-Type"] == "application/problem+json"
+    body: dict[str, Any] = json.loads(await resp.read())
+    assert body["status"] == resp.status
+    return body

@@ -7,6 +7,7 @@ exchanges are waited for (bounded, on a condition).
 
 from __future__ import annotations
 
+import io
 import json
 import stat
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy.app import ProxyServer
 from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, V10, FakeBol
@@ -252,3 +254,23 @@ async def test_bol_never_sees_an_expired_token_during_steady_traffic(
     assert len(bol.token_requests) == 1 + 10
     assert len(bol.api_requests) == 40
 
+
+
+async def test_a_body_over_a_mebibyte_within_a_large_replay_buffer_is_replayed(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+) -> None:
+    fake, url = bol
+    received: list[bytes] = []
+
+    async def upload(request: web.Request) -> web.Response:
+        received.append(await request.content.read())
+        return web.Response(status=201)
+
+    fake.extra["/retailer/offers/upload"] = upload
+    server = await start_proxy(base_config(url, limits={"replay_buffer": 4 * 1024 * 1024}))
+    body = bytes(range(256)) * 6000  # 1.5 MB: aiohttp would warn if sent as raw bytes
+    fake.revoke_all()
+    async with http.post(f"http://127.0.0.1:{server.port()}/retailer/offers/upload",
+                         data=io.BytesIO(body)) as resp:
+        assert resp.status == 201
+    assert received == [body]  # the 401 answer did not read it; the replay delivered it

@@ -1,0 +1,202 @@
+"""Header rules in both directions of the hop (SPEC §5, RFC 9110 §7.6.1)."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.headers import (
+    client_response_headers,
+    connection_listed,
+    redacted,
+    upstream_request_headers,
+)
+
+HOP_BY_HOP = [
+    ("Connection", "keep-alive"),
+    ("Keep-Alive", "timeout=5"),
+    ("Proxy-Connection", "keep-alive"),
+    ("Proxy-Authenticate", "Basic realm=x"),
+    ("Proxy-Authorization", "Basic abc"),
+    ("TE", "trailers"),
+    ("Trailer", "X-Checksum"),
+    ("Transfer-Encoding", "chunked"),
+    ("Upgrade", "websocket"),
+]
+
+
+def headers(*items: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(items))
+
+
+def up(*items: tuple[str, str], keep_length: bool = True) -> CIMultiDict[str]:
+    return upstream_request_headers(headers(*items), "the-token", keep_length=keep_length)
+
+
+def raw(*items: tuple[str, str]) -> tuple[tuple[bytes, bytes], ...]:
+    """Headers as aiohttp's client keeps them unparsed (``ClientResponse.raw_headers``)."""
+    return tuple((n.encode(), v.encode("utf-8", "surrogateescape")) for n, v in items)
+
+
+def down(*items: tuple[str, str]) -> CIMultiDict[str]:
+    return client_response_headers(raw(*items))
+
+
+@pytest.mark.parametrize(("name", "value"), HOP_BY_HOP)
+def test_hop_by_hop_header_is_not_sent_upstream(name: str, value: str) -> None:
+    out = up((name, value), ("Accept", "application/vnd.retailer.v10+json"))
+    assert name not in out
+    assert out["Accept"] == "application/vnd.retailer.v10+json"
+
+
+@pytest.mark.parametrize(("name", "value"), HOP_BY_HOP)
+def test_hop_by_hop_header_is_not_sent_back(name: str, value: str) -> None:
+    out = down((name, value), ("X-RateLimit-Remaining", "24"))
+    assert name not in out
+    assert out["X-RateLimit-Remaining"] == "24"
+
+
+def test_hop_by_hop_headers_in_any_case_are_removed_both_ways() -> None:
+    # Field names are case-insensitive (RFC 9110 §5.1), and aiohttp keeps the case a peer
+    # sent for names it does not know (proxy-connection, x-bol-credentials, X-anything).
+    items = [(name.lower(), value) for name, value in HOP_BY_HOP] + [("X-Kept", "1")]
+    assert list(up(*items).keys()) == ["X-Kept", "Authorization"]
+    assert list(down(*items).keys()) == ["X-Kept"]
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [
+        ["X-One, X-Two"],
+        ["X-One", "X-Two"],
+        ["  X-One ,, X-Two  ,", "close"],
+        ["keep-alive,X-One,X-Two"],
+    ],
+)
+def test_headers_named_by_connection_are_removed_both_ways(connection: list[str]) -> None:
+    items = [("Connection", c) for c in connection]
+    items += [("X-One", "1"), ("X-Two", "2"), ("X-Two", "again"), ("X-Three", "3")]
+    assert connection_listed(headers(*items)) >= {"X-One", "X-Two"}
+    for out in (up(*items), down(*items)):
+        assert "X-One" not in out
+        assert "X-Two" not in out
+        assert out.getall("X-Three") == ["3"]
+
+
+@pytest.mark.parametrize(
+    ("connection", "listed"),
+    [("x-one, X-TWO", ("X-One", "x-two")), ("X-One, X-Two", ("x-one", "X-TWO"))],
+)
+def test_headers_named_by_connection_are_removed_whatever_their_case(
+    connection: str, listed: tuple[str, str]
+) -> None:
+    items = [("Connection", connection), *((name, "1") for name in listed), ("X-Three", "3")]
+    for out in (up(*items), down(*items)):
+        assert [name for name in listed if name in out] == []
+        assert out.getall("X-Three") == ["3"]
+
+
+def test_authorization_is_replaced_by_the_bearer_token() -> None:
+    out = up(("Authorization", "Basic junk"), ("authorization", "Bearer old"))
+    assert out.getall("Authorization") == ["Bearer the-token"]
+
+
+def test_bearer_token_is_added_when_the_client_sent_no_authorization() -> None:
+    assert up(("Accept", "*/*")).getall("Authorization") == ["Bearer the-token"]
+
+
+@pytest.mark.parametrize(
+    "name", ["Host", "Expect", "X-Bol-Credentials", "host", "x-bol-credentials"]
+)
+def test_headers_the_proxy_answers_itself_are_not_sent_upstream(name: str) -> None:
+    out = up((name, "value"), ("X-Custom", "kept"))
+    assert name not in out
+    assert out["X-Custom"] == "kept"
+
+
+def test_end_to_end_request_headers_go_up_unchanged_and_in_order() -> None:
+    items = [
+        ("Accept", "application/vnd.retailer.v10+json"),
+        ("Content-Type", "application/vnd.retailer.v10+json"),
+        ("Accept-Language", "nl"),
+        ("X-Fulfilment-Party", "FBR"),
+        ("X-Multi", "first"),
+        ("Cookie", "a=1"),
+        ("x-multi", "second"),
+        ("Content-Length", "12"),
+    ]
+    out = up(*items)
+    assert list(out.items())[:-1] == items  # then the bearer token
+    assert out.getall("X-Multi") == ["first", "second"]
+
+
+@pytest.mark.parametrize("keep_length", [True, False])
+def test_content_length_goes_up_only_when_the_body_streams_as_declared(
+    keep_length: bool
+) -> None:
+    out = up(("Content-Length", "12"), ("Content-Type", "application/json"),
+             keep_length=keep_length)
+    assert ("Content-Length" in out) is keep_length
+    assert out["Content-Type"] == "application/json"
+
+
+def test_repeated_response_headers_come_back_in_order() -> None:
+    items = [
+        ("Content-Type", "application/vnd.retailer.v10+json"),
+        ("Set-Cookie", "a=1; Path=/"),
+        ("Link", "<https://api.bol.com/x?page=2>; rel=next"),
+        ("X-RateLimit-Limit", "25"),
+        ("set-cookie", "b=2; Path=/"),
+        ("Link", "<https://api.bol.com/x?page=9>; rel=last"),
+        ("Retry-After", "4"),
+        ("Content-Encoding", "gzip"),
+        ("Content-Length", "120"),
+    ]
+    out = down(*items)
+    assert list(out.items()) == items
+    assert out.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    assert out.getall("Link")[1].endswith("rel=last")
+
+
+def test_incoming_headers_are_not_modified() -> None:
+    incoming = headers(("Host", "localhost"), ("Connection", "X-One"), ("X-One", "1"))
+    upstream_request_headers(incoming, "tok", keep_length=False)
+    assert list(incoming.items()) == [("Host", "localhost"), ("Connection", "X-One"),
+                                      ("X-One", "1")]
+
+
+def test_redacted_hides_credential_values_and_keeps_the_rest() -> None:
+    items = [
+        ("Authorization", "Bearer the-token"),
+        ("Accept", "*/*"),
+        ("Proxy-Authorization", "Basic abc"),
+        ("Cookie", "session=s3cret"),
+        ("Set-Cookie", "id=s3cret"),
+        ("X-Bol-Credentials", "acme"),
+    ]
+    assert redacted(items) == [
+        ("Authorization", "[redacted]"),
+        ("Accept", "*/*"),
+        ("Proxy-Authorization", "[redacted]"),
+        ("Cookie", "[redacted]"),
+        ("Set-Cookie", "[redacted]"),
+        ("X-Bol-Credentials", "acme"),
+    ]
+
+
+def test_redacted_hides_credential_values_whatever_the_case() -> None:
+    names = ["authorization", "PROXY-AUTHORIZATION", "cookie", "set-cookie"]
+    assert redacted([(name, "s3cret") for name in names]) == [
+        (name, "[redacted]") for name in names
+    ]
+
+
+def test_redacted_accepts_the_headers_the_proxy_builds() -> None:
+    shown = redacted(up(("Accept", "*/*")).items())
+    assert ("Authorization", "[redacted]") in shown
+    assert "the-token" not in repr(shown)
+
+
+def test_response_header_names_keep_the_spelling_bol_sent() -> None:
+    out = down(("x-ratelimit-remaining", "24"), ("CONTENT-TYPE", "application/json"))
+    assert list(out.keys()) == ["x-ratelimit-remaining", "CONTENT-TYPE"]
