@@ -19,7 +19,13 @@ from aiohttp import http_parser, web
 from . import logs
 from .admin import Admin
 from .config import Config, CredentialSet
-from .errors import ConfigError, StartupError
+from .errors import (
+    ConfigError,
+    MethodNotAllowed,
+    NotFound,
+    StartupError,
+    problem_response,
+)
 from .forward import Forwarder, Settings
 from .metrics import Metrics
 from .oauth import Grant, TokenClient, client_credentials_form
@@ -120,7 +126,13 @@ def build_app(config: Config, clock: Clock | None = None,
         # Everything but /_proxy/ goes to the forwarder, including targets no route can
         # match (CONNECT's authority form), so that every refusal is a problem answer.
         if request.raw_path.startswith("/_proxy/"):
-            return await handler(request)
+            refused = request.match_info.http_exception
+            if refused is None:
+                return await handler(request)
+            if refused.status == 405:
+                return problem_response(MethodNotAllowed("the proxy's endpoints take GET"))
+            return problem_response(NotFound("the proxy has /_proxy/health, /_proxy/ready "
+                                             "and /_proxy/metrics"))
         return await app[FORWARDER].handle(request)
 
     app.middlewares.append(dispatch)
