@@ -1,0 +1,126 @@
+"""Reloading the configuration in place (SPEC §8, SIGHUP): sets, tokens and listeners."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.config import validate
+from proxy.demo import DEMO_CLIENT_ID, FakeBol
+from proxy.errors import ConfigError
+from tests.conftest import SECRET_B, StartProxy, base_config, free_port
+
+
+async def status(http: aiohttp.ClientSession, port: int, path: str = "/retailer/orders") -> int:
+    async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_added_set_works_and_removed_set_stops_without_a_restart(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+) -> None:
+    fake, url = bol
+    raw = base_config(url)
+    server = await start_proxy(raw)
+    port = server.port()
+    assert await status(http, port, "/setc/retailer/orders") == 400
+
+    raw["credentials"]["setc"] = {"client_id": "client-b", "client_secret": SECRET_B}
+    del raw["credentials"]["setb"]
+    await server.reload(validate(raw))
+
+    assert await status(http, port, "/setc/retailer/orders") == 200
+    assert fake.api_requests[-1].client_id == "client-b"
+    assert await status(http, port, "/setb/retailer/orders") == 400
+
+
+async def test_unchanged_sets_keep_their_token_and_changed_sets_get_a_new_one(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+) -> None:
+    fake, url = bol
+    fake.clients["client-c"] = "third-secret"
+    raw = base_config(url)
+    server = await start_proxy(raw)
+    assert await status(http, server.port()) == 200
+    assert await status(http, server.port(), "/setb/retailer/orders") == 200
+    tokens = server.forwarder.tokens
+    kept = tokens.source("seta").current()
+    fetched = len(fake.token_requests)
+
+    raw["credentials"]["setb"] = {"client_id": "client-c", "client_secret": "third-secret"}
+    await server.reload(validate(raw))
+    assert await status(http, server.port(), "/setb/retailer/orders") == 200
+    assert await status(http, server.port()) == 200
+
+    assert tokens.source("seta").current() is kept
+    assert [seen.client_id for seen in fake.token_requests[fetched:]] == ["client-c"]
+    assert fake.api_requests[-2].client_id == "client-c"
+
+
+async def test_listeners_follow_port_changes(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+) -> None:
+    fake, url = bol
+    raw = base_config(url)
+    old_port, set_port = free_port(), free_port()
+    raw["listen"]["port"] = old_port
+    server = await start_proxy(raw)
+
+    new_port = free_port()
+    raw["listen"]["port"] = new_port
+    raw["credentials"]["setb"]["port"] = set_port
+    await server.reload(validate(raw))
+
+    assert await status(http, new_port) == 200
+    assert await status(http, set_port) == 200
+    assert fake.api_requests[-1].client_id == "client-b"  # the set's own listener
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await status(http, old_port)
+    assert fake.api_requests[-2].client_id == DEMO_CLIENT_ID
+
+
+async def test_a_reload_that_cannot_listen_keeps_the_running_configuration(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+) -> None:
+    _, url = bol
+    raw = base_config(url)
+    server = await start_proxy(raw)
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    taken = blocker.sockets[0].getsockname()[1]
+    try:
+        raw["credentials"]["setc"] = {"client_id": "c", "client_secret": "s", "port": taken}
+        with pytest.raises(ConfigError, match="cannot listen"):
+            await server.reload(validate(raw))
+    finally:
+        blocker.close()
+        await blocker.wait_closed()
+    assert "setc" not in server.config.credentials
+    assert await status(http, server.port()) == 200
+
+
+async def test_in_flight_request_finishes_across_a_reload(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+) -> None:
+    fake, url = bol
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        entered.set()
+        await release.wait()
+        return web.Response(text="done")
+
+    fake.extra["/retailer/slow"] = slow
+    raw = base_config(url)
+    server = await start_proxy(raw)
+    pending = asyncio.get_running_loop().create_task(
+        status(http, server.port(), "/retailer/slow"))
+    await asyncio.wait_for(entered.wait(), 5)
+    del raw["credentials"]["setb"]
+    raw["listen"]["port"] = free_port()
+    await server.reload(validate(raw))
+    release.set()
+    assert await asyncio.wait_for(pending, 5) == 200
