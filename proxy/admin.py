@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from .errors import MethodNotAllowed, NotFound, problem_response
 from .metrics import CONTENT_TYPE, Metrics
 from .tokens import Tokens, TokenSource
 
@@ -31,10 +32,10 @@ class Admin:
         self._metrics = metrics
         self.shutting_down = False
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def ready(self, request: web.Request) -> web.Response:
+    async def ready(self, request: web.BaseRequest) -> web.Response:
         tokens = self._tokens()
         sets = {}
         ready = not self.shutting_down
@@ -66,13 +67,20 @@ class Admin:
             "failures": source.failures,
         }
 
-    async def metrics(self, request: web.Request) -> web.Response:
+    async def metrics(self, request: web.BaseRequest) -> web.Response:
         return web.Response(body=self._metrics.exposition(),
                             headers={"Content-Type": CONTENT_TYPE})
 
-    def routes(self) -> list[web.RouteDef]:
-        return [
-            web.get("/_proxy/health", self.health, allow_head=True),
-            web.get("/_proxy/ready", self.ready, allow_head=True),
-            web.get("/_proxy/metrics", self.metrics),
-        ]
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Answer a ``/_proxy/...`` request; unknown endpoints get problem answers."""
+        endpoint = {
+            "/_proxy/health": self.health,
+            "/_proxy/ready": self.ready,
+            "/_proxy/metrics": self.metrics,
+        }.get(request.raw_path.partition("?")[0])
+        if endpoint is None:
+            return problem_response(NotFound("the proxy has /_proxy/health, /_proxy/ready "
+                                             "and /_proxy/metrics"))
+        if request.method not in ("GET", "HEAD"):
+            return problem_response(MethodNotAllowed("the proxy's endpoints take GET"))
+        return await endpoint(request)

@@ -1,9 +1,13 @@
-"""Builds the aiohttp application and runs its listeners; follows reloads.
+"""The running proxy: its resources, its listeners, reload and graceful stop.
 
-The application owns one ``ClientSession`` (no decompression, no cookie jar, no
-redirects, no injected headers), the token sources and the forwarder; they live in a
-``cleanup_ctx`` under typed ``AppKey``s and are closed in reverse order on shutdown.
-:class:`ProxyServer` adds the listeners: the main one plus one per dedicated set port.
+:class:`ProxyServer` owns one ``ClientSession`` (no decompression, no cookie jar, no
+redirects, no injected headers), the token sources, the forwarder and the admin
+endpoints, opened in ``start()`` and closed in reverse order in ``stop()``. It serves
+through aiohttp's low-level ``web.Server`` with one handler: the proxy has exactly two
+destinations (``/_proxy/`` or the forwarder), so a router, middleware and the
+per-request exception aiohttp raises for unrouted paths would be pure overhead, and an
+authority-form CONNECT target (which no route matches) still reaches the forwarder to be
+refused with a problem answer. Listeners: the main one plus one per dedicated set port.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import http_parser, web
@@ -19,13 +23,7 @@ from aiohttp import http_parser, web
 from . import logs
 from .admin import Admin
 from .config import Config, CredentialSet
-from .errors import (
-    ConfigError,
-    MethodNotAllowed,
-    NotFound,
-    StartupError,
-    problem_response,
-)
+from .errors import ConfigError, StartupError
 from .forward import Forwarder, Settings
 from .metrics import Metrics
 from .oauth import Grant, TokenClient, client_credentials_form
@@ -33,13 +31,6 @@ from .refresh import RefreshGrant, RefreshTokenFile
 from .tokens import Clock, Obtain, Tokens
 
 log = logging.getLogger("proxy")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-FORWARDER = web.AppKey("forwarder", Forwarder)
-ADMIN = web.AppKey("admin", Admin)
-METRICS = web.AppKey("metrics", Metrics)
-REFRESH_FILES = web.AppKey("refresh_files", dict[str, RefreshTokenFile])
-TOKEN_CLIENT = web.AppKey("token_client", TokenClient)
 
 # Headers aiohttp's client would add on its own; only what the tool sent goes to bol.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -77,106 +68,73 @@ def client_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
-def build_app(config: Config, clock: Clock | None = None,
-              rand: Callable[[], float] = random.random) -> web.Application:
-    """The proxy application for ``config``; ``clock`` and ``rand`` are for tests."""
-    app = web.Application(handler_args={"auto_decompress": False})
-    metrics = Metrics()
-    app[METRICS] = metrics
-    app[REFRESH_FILES] = {}
-    clock = clock or Clock()
-
-    async def resources(app: web.Application) -> AsyncIterator[None]:
-        session = client_session(config)
-        token_client = TokenClient(session, config.upstream.token_url,
-                                   config.upstream.connect_timeout + 20)
-        app[TOKEN_CLIENT] = token_client
-        files = app[REFRESH_FILES]
-
-        def obtain_for(cred: CredentialSet) -> Obtain:
-            if cred.grant == "refresh_token" and cred.refresh_token_file is not None:
-                store = files.get(cred.name)
-                if store is None or store.path != cred.refresh_token_file:
-                    store = files[cred.name] = RefreshTokenFile(cred.refresh_token_file,
-                                                                clock.wall)
-                return RefreshGrant(cred, token_client, store, clock.wall)
-
-            async def client_credentials() -> Grant:
-                return await token_client.request(cred, client_credentials_form())
-
-            return client_credentials
-
-        tokens = Tokens(config, obtain_for, clock, rand, metrics.token_fetched)
-        forwarder = Forwarder(Settings.from_config(config), tokens, session, metrics)
-        app[FORWARDER] = forwarder
-        metrics.watch_tokens(lambda: forwarder.tokens.active(), clock.monotonic,
-                             lambda name: _authorisation_expiry(files, name))
-        yield
-        await tokens.close()
-        await session.close()
-
-    app.cleanup_ctx.append(resources)
-
-    admin = Admin(lambda: app[FORWARDER].tokens, metrics)
-    app[ADMIN] = admin
-    app.router.add_routes(admin.routes())
-
-    @web.middleware
-    async def dispatch(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # Everything but /_proxy/ goes to the forwarder, including targets no route can
-        # match (CONNECT's authority form), so that every refusal is a problem answer.
-        if request.raw_path.startswith("/_proxy/"):
-            refused = request.match_info.http_exception
-            if refused is None:
-                return await handler(request)
-            if refused.status == 405:
-                return problem_response(MethodNotAllowed("the proxy's endpoints take GET"))
-            return problem_response(NotFound("the proxy has /_proxy/health, /_proxy/ready "
-                                             "and /_proxy/metrics"))
-        return await app[FORWARDER].handle(request)
-
-    app.middlewares.append(dispatch)
-    return app
-
-
-def _authorisation_expiry(files: dict[str, RefreshTokenFile], name: str) -> float | None:
-    store = files.get(name)
-    return store.authorisation_expiry() if store is not None else None
-
-
 class ProxyServer:
-    """The application behind its listeners, with reload and graceful stop."""
+    """The proxy behind its listeners, with reload and graceful stop."""
 
     def __init__(self, config: Config, clock: Clock | None = None,
                  rand: Callable[[], float] = random.random) -> None:
         self.config = config
-        logs.quiet_malformed_requests()
-        self.app = build_app(config, clock, rand)
-        self._runner = web.AppRunner(
-            self.app,
-            handler_cancellation=True,  # a vanished client cancels its upstream exchange
-            access_log=None,
-            keepalive_timeout=KEEPALIVE,
-            auto_decompress=False,  # bodies pass as sent (a gzip upload stays gzip)
-            shutdown_timeout=config.shutdown_timeout,
-        )
+        self._clock = clock or Clock()
+        self._rand = rand
+        self.metrics = Metrics()
+        self._refresh_files: dict[str, RefreshTokenFile] = {}
         self._sites: dict[tuple[str, int], web.TCPSite] = {}
-
-    @property
-    def forwarder(self) -> Forwarder:
-        return self.app[FORWARDER]
+        logs.quiet_malformed_requests()
 
     async def start(self) -> None:
-        """Start the application and every listener; raises OSError if a port is taken."""
+        """Open the resources and every listener; raises OSError if a port is taken."""
         require_c_parser()
+        config, clock = self.config, self._clock
+        self.session = client_session(config)
+        self.token_client = TokenClient(self.session, config.upstream.token_url,
+                                        config.upstream.connect_timeout + 20)
+        self.tokens = Tokens(config, self._obtainer, clock, self._rand,
+                             self.metrics.token_fetched)
+        self.forwarder = Forwarder(Settings.from_config(config), self.tokens, self.session,
+                                   self.metrics)
+        self.admin = Admin(lambda: self.forwarder.tokens, self.metrics)
+        self.metrics.watch_tokens(lambda: self.forwarder.tokens.active(), clock.monotonic,
+                                  self._authorisation_expiry)
+        server = web.Server(
+            self._handle,
+            handler_cancellation=True,  # a vanished client cancels its upstream exchange
+            access_log=None,  # the forwarder writes a cheaper line of its own
+            keepalive_timeout=KEEPALIVE,
+            auto_decompress=False,  # bodies pass as sent (a gzip upload stays gzip)
+        )
+        self._runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
         await self._runner.setup()
         try:
-            await self._listen(self.config)
+            await self._listen(config)
         except BaseException:
-            await self._runner.cleanup()
+            await self._close()
             raise
         # Only once listening: a proxy that cannot start must not spend token requests.
-        self.forwarder.tokens.start()
+        self.tokens.start()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.raw_path.startswith("/_proxy/"):
+            return await self.admin.handle(request)
+        return await self.forwarder.handle(request)
+
+    def _obtainer(self, cred: CredentialSet) -> Obtain:
+        """How set ``cred`` gets its tokens: client credentials, or its refresh token."""
+        if cred.grant == "refresh_token" and cred.refresh_token_file is not None:
+            store = self._refresh_files.get(cred.name)
+            if store is None or store.path != cred.refresh_token_file:
+                store = RefreshTokenFile(cred.refresh_token_file, self._clock.wall)
+                self._refresh_files[cred.name] = store
+            return RefreshGrant(cred, self.token_client, store, self._clock.wall)
+        client = self.token_client
+
+        async def client_credentials() -> Grant:
+            return await client.request(cred, client_credentials_form())
+
+        return client_credentials
+
+    def _authorisation_expiry(self, name: str) -> float | None:
+        store = self._refresh_files.get(name)
+        return store.authorisation_expiry() if store is not None else None
 
     def port(self, name: str | None = None) -> int:
         """The bound port of the main listener, or of set ``name``'s dedicated one."""
@@ -214,7 +172,7 @@ class ProxyServer:
             await self._listen(config)
         except OSError as exc:
             raise ConfigError(f"cannot listen as configured: {exc.strerror or exc}") from exc
-        self.app[TOKEN_CLIENT].url = config.upstream.token_url
+        self.token_client.url = config.upstream.token_url
         self.forwarder.settings = Settings.from_config(config)
         await self.forwarder.tokens.apply(config)
         self.config = config
@@ -224,7 +182,11 @@ class ProxyServer:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within ``shutdown_timeout``."""
-        if ADMIN in self.app:
-            self.app[ADMIN].shutting_down = True
-        await self._runner.cleanup()
+        self.admin.shutting_down = True
+        await self._close()
+
+    async def _close(self) -> None:
+        await self._runner.cleanup()  # stops the listeners, then waits for handlers
         self._sites.clear()
+        await self.tokens.close()
+        await self.session.close()

@@ -116,6 +116,9 @@ class Body:
             yield chunk
 
 
+_NO_BODY = Body(None)
+
+
 async def read_body(request: web.BaseRequest, max_size: int, replay_size: int) -> Body:
     """Size up the request body without reading more than ``replay_size`` of it."""
     te = request.headers.get(_TRANSFER_ENCODING)
@@ -175,7 +178,7 @@ class Forwarder:
         started = time.perf_counter()
         exchange = Exchange(request)
         response: web.StreamResponse | None = None
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight += 1
         try:
             response = await self._forward(request, self.settings, exchange)
         except ProxyError as exc:
@@ -188,7 +191,7 @@ class Forwarder:
             log.debug("client went away: %s %s", request.method, exchange.path)
             raise
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight -= 1
             # 499 is nginx's "client closed request", for the log and the metrics.
             exchange.status = response.status if response is not None else 499
             self._record(exchange, started, response)
@@ -204,15 +207,7 @@ class Forwarder:
         )
         exchange.set_name = route.set_name
         source = self.tokens.source(route.set_name)
-        limits = settings.config.limits
-        try:
-            # A client trickling its body must not hold the handler for ever: the
-            # buffered part gets the same ceiling as the whole upstream exchange.
-            async with asyncio.timeout(settings.config.upstream.timeout):
-                body = await read_body(request, limits.max_body_size, limits.replay_buffer)
-        except TimeoutError:
-            raise RequestTimeout("the request body did not arrive within upstream.timeout "
-                                 f"({settings.config.upstream.timeout:g} s)") from None
+        body = await self._body(request, settings)
         url = URL(settings.api_base + route.target, encoded=True)
         token = await source.get()
         upstream = await self._send(request, settings, url, token, body, exchange)
@@ -221,6 +216,20 @@ class Forwarder:
                                              upstream, exchange)
         exchange.upstream_status = upstream.status
         return await self._relay(request, upstream)
+
+    @staticmethod
+    async def _body(request: web.BaseRequest, settings: Settings) -> Body:
+        if not request.body_exists and _TRANSFER_ENCODING not in request.headers:
+            return _NO_BODY
+        limits, timeout = settings.config.limits, settings.config.upstream.timeout
+        try:
+            # A client trickling its body must not hold the handler for ever: the
+            # buffered part gets the same ceiling as the whole upstream exchange.
+            async with asyncio.timeout(timeout):
+                return await read_body(request, limits.max_body_size, limits.replay_buffer)
+        except TimeoutError:
+            raise RequestTimeout("the request body did not arrive within upstream.timeout "
+                                 f"({timeout:g} s)") from None
 
     async def _send(self, request: web.BaseRequest, settings: Settings, url: URL, token: Token,
                     body: Body, exchange: Exchange) -> aiohttp.ClientResponse:

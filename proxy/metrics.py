@@ -56,17 +56,32 @@ class Metrics:
             "bol_proxy_replays", "Requests replayed once after a 401 with a renewed token",
             ["set"], registry=r,
         )
-        self.in_flight = Gauge("bol_proxy_in_flight_requests", "Requests being handled",
-                               registry=r)
+        # A plain counter read at scrape time: no lock on the request path.
+        self.in_flight = 0
+        Gauge("bol_proxy_in_flight_requests", "Requests being handled",
+              registry=r).set_function(lambda: self.in_flight)
+        # Labelled children, looked up once: labels() validates and locks on every call.
+        self._counters: dict[tuple[str, str, int], Counter] = {}
+        self._durations: dict[str, tuple[Histogram, Histogram]] = {}
 
     def observe(self, set_name: str, method: str, status: int, seconds: float,
                 upstream_seconds: float | None) -> None:
         """Record one answered request."""
-        method = method if method in _METHODS else "OTHER"
-        self.requests.labels(set_name, method, f"{status // 100}xx").inc()
-        self.request_duration.labels(set_name).observe(seconds)
+        # Keyed by label values, so that made-up methods cannot grow the table.
+        key = (set_name, method if method in _METHODS else "OTHER", status // 100)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self.requests.labels(key[0], key[1], f"{key[2]}xx")
+            self._counters[key] = counter
+        counter.inc()
+        durations = self._durations.get(set_name)
+        if durations is None:
+            durations = (self.request_duration.labels(set_name),
+                         self.upstream_duration.labels(set_name))
+            self._durations[set_name] = durations
+        durations[0].observe(seconds)
         if upstream_seconds is not None:
-            self.upstream_duration.labels(set_name).observe(upstream_seconds)
+            durations[1].observe(upstream_seconds)
 
     def token_fetched(self, set_name: str, outcome: str) -> None:
         self.token_fetches.labels(set_name, outcome).inc()

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import ADMIN, ProxyServer
+from proxy.app import ProxyServer
 from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, FakeBol
 from tests.conftest import StartProxy, base_config, problem, wait_until
 
@@ -69,7 +69,7 @@ async def test_ready_is_503_while_shutting_down(
 ) -> None:
     _, url = bol
     server = await start_proxy(base_config(url))
-    server.app[ADMIN].shutting_down = True  # as stop() does first
+    server.admin.shutting_down = True  # as stop() does first
     async with http.get(f"http://127.0.0.1:{server.port()}/_proxy/ready") as resp:
         assert resp.status == 503
         assert (await resp.json())["shutting_down"] is True
