@@ -29,6 +29,7 @@ from .metrics import Metrics
 from .oauth import Grant, TokenClient, client_credentials_form
 from .refresh import RefreshGrant, RefreshTokenFile
 from .tokens import Clock, Obtain, Tokens
+from .upstream import UpstreamPool
 
 log = logging.getLogger("proxy")
 
@@ -51,13 +52,24 @@ def require_c_parser() -> None:
                            "or an install without wheels); refusing to serve")
 
 
-def client_session(config: Config) -> aiohttp.ClientSession:
-    """The one session to bol: transparent, pooled, kept alive."""
+def tls_context(config: Config) -> ssl.SSLContext:
+    """The system's trust store, plus ``upstream.ca_file`` (corporate TLS interception)."""
     ctx = ssl.create_default_context()
     if config.upstream.ca_file:
-        ctx.load_verify_locations(config.upstream.ca_file)  # corporate TLS interception
-    connector = aiohttp.TCPConnector(limit=POOL_SIZE, ssl=ctx, ttl_dns_cache=300,
-                                     keepalive_timeout=30)
+        ctx.load_verify_locations(config.upstream.ca_file)
+    return ctx
+
+
+def upstream_pool(config: Config) -> UpstreamPool:
+    """Connections to ``upstream.api_url`` for forwarded requests."""
+    return UpstreamPool(config.upstream.api_url, tls_context(config),
+                        config.upstream.connect_timeout, POOL_SIZE)
+
+
+def client_session(config: Config) -> aiohttp.ClientSession:
+    """The session to login.bol.com: transparent, kept alive, no cookies kept."""
+    connector = aiohttp.TCPConnector(limit=POOL_SIZE, ssl=tls_context(config),
+                                     ttl_dns_cache=300, keepalive_timeout=30)
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,
@@ -90,8 +102,8 @@ class ProxyServer:
                                         config.upstream.connect_timeout + 20)
         self.tokens = Tokens(config, self._obtainer, clock, self._rand,
                              self.metrics.token_fetched)
-        self.forwarder = Forwarder(Settings.from_config(config), self.tokens, self.session,
-                                   self.metrics)
+        self.forwarder = Forwarder(Settings.from_config(config), self.tokens,
+                                   upstream_pool(config), self.metrics)
         self.admin = Admin(lambda: self.forwarder.tokens, self.metrics)
         self.metrics.watch_tokens(lambda: self.forwarder.tokens.active(), clock.monotonic,
                                   self._authorisation_expiry)
@@ -173,6 +185,10 @@ class ProxyServer:
         except OSError as exc:
             raise ConfigError(f"cannot listen as configured: {exc.strerror or exc}") from exc
         self.token_client.url = config.upstream.token_url
+        old_up, new_up = self.config.upstream, config.upstream
+        if (old_up.api_url, old_up.connect_timeout) != (new_up.api_url, new_up.connect_timeout):
+            retired, self.forwarder.pool = self.forwarder.pool, upstream_pool(config)
+            retired.retire()  # in-flight answers finish on their connections
         self.forwarder.settings = Settings.from_config(config)
         await self.forwarder.tokens.apply(config)
         self.config = config
@@ -189,4 +205,5 @@ class ProxyServer:
         await self._runner.cleanup()  # stops the listeners, then waits for handlers
         self._sites.clear()
         await self.tokens.close()
+        await self.forwarder.pool.close()
         await self.session.close()

@@ -22,16 +22,15 @@ only, and never with their text (``repr`` of some of them contains request heade
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, istr
-from yarl import URL
 
 from .config import Config
 from .errors import (
@@ -47,11 +46,12 @@ from .headers import CREDENTIALS_HEADER, client_response_headers, upstream_reque
 from .metrics import Metrics
 from .routing import Router
 from .tokens import Token, Tokens, TokenSource
+from .upstream import Response, UpstreamError, UpstreamPool, request_head
 
 log = logging.getLogger("proxy")
 access_log = logging.getLogger("proxy.access")
 
-_LARGE_BYTES = 2**20  # aiohttp's TOO_LARGE_BYTES_BODY
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 SMALL_RESPONSE = 64 * 1024  # answered in one piece: measurably faster than streaming
 _NO_BODY_STATUSES = frozenset({204, 304})
 _TRANSFER_ENCODING = istr("Transfer-Encoding")
@@ -63,8 +63,8 @@ class Settings:
 
     config: Config
     router: Router
-    api_base: str
-    timeout: aiohttp.ClientTimeout
+    path_prefix: str  # the path of upstream.api_url, if it has one
+    timeout: float
     dedicated_ports: bool
 
     @classmethod
@@ -74,8 +74,8 @@ class Settings:
             config=config,
             router=Router(config.credentials, config.default_credentials, up.allowed_paths,
                           config.dedicated_ports()),
-            api_base=up.api_url,
-            timeout=aiohttp.ClientTimeout(total=up.timeout, sock_connect=up.connect_timeout),
+            path_prefix=urlsplit(up.api_url).path.rstrip("/"),
+            timeout=up.timeout,
             dedicated_ports=bool(config.dedicated_ports()),
         )
 
@@ -84,23 +84,35 @@ class Body:
     """A request body: whole (replayable) or streamed through with a size cap."""
 
     def __init__(self, data: bytes | None, rest: aiohttp.StreamReader | None = None,
-                 prefix: bytes = b"", limit: int = 0) -> None:
+                 prefix: bytes = b"", limit: int = 0, chunked: bool = False) -> None:
         self.data = data
         self._rest = rest
         self._prefix = prefix
         self._limit = limit
+        self.chunked = chunked  # streamed without a declared length
         self.too_large = False
 
     @property
     def replayable(self) -> bool:
         return self._rest is None
 
-    def payload(self) -> bytes | io.BytesIO | AsyncIterator[bytes] | None:
-        if self._rest is not None:
-            return self._stream()
-        if self.data is not None and len(self.data) > _LARGE_BYTES:
-            return io.BytesIO(self.data)  # aiohttp writes large bytes in one blocking go
-        return self.data
+    @property
+    def declared_length(self) -> bool:
+        """Streamed as the client declared it: its Content-Length goes along."""
+        return self._rest is not None and not self.chunked
+
+    def framing(self, method: str) -> str:
+        """The framing header line this body needs on the way to bol."""
+        if self.data is not None:
+            return f"Content-Length: {len(self.data)}\r\n"
+        if self.chunked:
+            return "Transfer-Encoding: chunked\r\n"
+        if self._rest is None and method in _BODY_METHODS:
+            return "Content-Length: 0\r\n"  # bol answers 400 to a POST without one
+        return ""
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        return self.data if self._rest is None else self._stream()
 
     async def _stream(self) -> AsyncIterator[bytes]:
         assert self._rest is not None
@@ -149,28 +161,27 @@ async def read_body(request: web.BaseRequest, max_size: int, replay_size: int) -
         size += len(chunk)
         if size > max_size:
             raise BodyTooLarge(too_large)
-    return Body(None, request.content, prefix=b"".join(parts), limit=max_size)
+    return Body(None, request.content, prefix=b"".join(parts), limit=max_size, chunked=True)
 
 
 def translate(exc: BaseException, body: Body | None = None) -> ProxyError:
-    """The one boundary where aiohttp client errors become proxy errors."""
+    """The one boundary where upstream failures become proxy errors."""
     if isinstance(exc, BodyTooLarge) or (body is not None and body.too_large):
         return BodyTooLarge("the request body exceeds limits.max_body_size")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout("the upstream did not answer within the configured timeouts")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamUnreachable(f"cannot connect to the upstream ({type(exc).__name__})")
-    return UpstreamUnreachable(f"the upstream exchange failed ({type(exc).__name__})")
+    return UpstreamUnreachable(str(exc) if isinstance(exc, UpstreamError)
+                               else f"the upstream exchange failed ({type(exc).__name__})")
 
 
 class Forwarder:
     """Forwards requests for the current settings; swapped settings apply to new requests."""
 
-    def __init__(self, settings: Settings, tokens: Tokens, session: aiohttp.ClientSession,
+    def __init__(self, settings: Settings, tokens: Tokens, pool: UpstreamPool,
                  metrics: Metrics) -> None:
         self.settings = settings
         self.tokens = tokens
-        self.session = session
+        self.pool = pool
         self.metrics = metrics
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -208,14 +219,16 @@ class Forwarder:
         exchange.set_name = route.set_name
         source = self.tokens.source(route.set_name)
         body = await self._body(request, settings)
-        url = URL(settings.api_base + route.target, encoded=True)
         token = await source.get()
-        upstream = await self._send(request, settings, url, token, body, exchange)
+        # One ceiling for the whole exchange with bol, replay and body included.
+        exchange.deadline = asyncio.get_running_loop().time() + settings.timeout
+        target = settings.path_prefix + route.target
+        upstream = await self._send(request, target, token, body, exchange)
         if upstream.status == 401:
-            upstream = await self._after_401(request, settings, url, source, token, body,
-                                             upstream, exchange)
+            upstream = await self._after_401(request, target, source, token, body, upstream,
+                                             exchange)
         exchange.upstream_status = upstream.status
-        return await self._relay(request, upstream)
+        return await self._relay(request, upstream, exchange)
 
     @staticmethod
     async def _body(request: web.BaseRequest, settings: Settings) -> Body:
@@ -231,25 +244,26 @@ class Forwarder:
             raise RequestTimeout("the request body did not arrive within upstream.timeout "
                                  f"({timeout:g} s)") from None
 
-    async def _send(self, request: web.BaseRequest, settings: Settings, url: URL, token: Token,
-                    body: Body, exchange: Exchange) -> aiohttp.ClientResponse:
+    async def _send(self, request: web.BaseRequest, target: str, token: Token, body: Body,
+                    exchange: Exchange) -> Response:
         headers = upstream_request_headers(request.headers, token.value.reveal(),
-                                           keep_length=not body.replayable)
+                                           keep_length=body.declared_length)
+        pool = self.pool
+        head = request_head(request.method, target, pool.host_header, headers.items(),
+                            body.framing(request.method))
         started = time.perf_counter()
         try:
-            return await self.session.request(
-                request.method, url, headers=headers, data=body.payload(),
-                allow_redirects=False, timeout=settings.timeout,
-            )
-        except (aiohttp.ClientError, TimeoutError, BodyTooLarge) as exc:
+            async with asyncio.timeout_at(exchange.deadline):
+                return await pool.request(head, body.payload(), chunked=body.chunked,
+                                          head_only=request.method == "HEAD")
+        except (UpstreamError, TimeoutError, BodyTooLarge) as exc:
             raise translate(exc, body) from exc
         finally:
             exchange.upstream_seconds += time.perf_counter() - started
 
-    async def _after_401(self, request: web.BaseRequest, settings: Settings, url: URL,
-                         source: TokenSource, token: Token, body: Body,
-                         upstream: aiohttp.ClientResponse,
-                         exchange: Exchange) -> aiohttp.ClientResponse:
+    async def _after_401(self, request: web.BaseRequest, target: str, source: TokenSource,
+                         token: Token, body: Body, upstream: Response,
+                         exchange: Exchange) -> Response:
         """SPEC §6.2: invalidate if current, renew once, replay once if the body allows."""
         source.invalidate(token)
         if not body.replayable:
@@ -264,10 +278,10 @@ class Forwarder:
         upstream.close()  # drop the 401; the replay takes a connection of its own
         exchange.replayed = True
         self.metrics.replays.labels(source.cred.name).inc()
-        return await self._send(request, settings, url, fresh, body, exchange)
+        return await self._send(request, target, fresh, body, exchange)
 
-    async def _relay(self, request: web.BaseRequest,
-                     upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay(self, request: web.BaseRequest, upstream: Response,
+                     exchange: Exchange) -> web.StreamResponse:
         try:
             headers = client_response_headers(upstream.raw_headers)
         except ProxyError:
@@ -282,24 +296,27 @@ class Forwarder:
         length = upstream.content_length
         if length is not None and length <= SMALL_RESPONSE:
             try:
-                data = await upstream.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                async with asyncio.timeout_at(exchange.deadline):
+                    data = await upstream.read()
+            except (UpstreamError, TimeoutError) as exc:
                 upstream.close()
                 raise translate(exc) from exc  # nothing sent yet: a clean 502 or 504
+            upstream.release()
             return web.Response(status=status, reason=upstream.reason, headers=headers,
                                 body=data)
-        return await self._stream(request, upstream, headers)
+        return await self._stream(request, upstream, headers, exchange.deadline)
 
-    async def _stream(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse,
-                      headers: CIMultiDict[str]) -> web.StreamResponse:
+    async def _stream(self, request: web.BaseRequest, upstream: Response,
+                      headers: CIMultiDict[str], deadline: float) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers=headers)
         try:
             await response.prepare(request)
             while True:
                 try:
-                    chunk = await upstream.content.readany()
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await upstream.readany()
+                except (UpstreamError, TimeoutError) as exc:
                     # SPEC §5: never present a truncated body as complete. An aborted
                     # connection leaves the client a short Content-Length body or a
                     # chunked body without its last chunk, which every client reports.
@@ -316,7 +333,7 @@ class Forwarder:
             log.debug("client went away during the response: %s %s", request.method,
                       request.path)
         finally:
-            if upstream.content.at_eof():
+            if upstream.at_eof():
                 upstream.release()  # back to the pool
             else:
                 upstream.close()  # half-read: the connection cannot be reused
@@ -349,7 +366,7 @@ class Forwarder:
 class Exchange:
     """What the access log and the metrics learn about one request."""
 
-    __slots__ = ("error", "method", "path", "replayed", "set_name", "status",
+    __slots__ = ("deadline", "error", "method", "path", "replayed", "set_name", "status",
                  "upstream_seconds", "upstream_status")
 
     def __init__(self, request: web.BaseRequest) -> None:
@@ -362,3 +379,4 @@ class Exchange:
         self.upstream_seconds = 0.0
         self.replayed = False
         self.error: str | None = None
+        self.deadline = 0.0

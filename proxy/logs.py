@@ -7,6 +7,8 @@ logger is off: the proxy writes a cheaper line of its own with what operators ne
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -58,9 +60,54 @@ def quiet_malformed_requests() -> None:
         server.addFilter(MalformedRequestFilter())
 
 
+class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to stderr in batches: one write per ``FLUSH_AFTER`` seconds of access
+    lines instead of one system call per request (which cost about a tenth of the
+    proxy's throughput). Warnings and errors, and anything logged outside the event
+    loop, are written at once; ``logging.shutdown()`` at exit flushes the rest."""
+
+    FLUSH_AFTER = 0.25
+    MAX_PENDING = 512
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self._pending: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._pending.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING or len(self._pending) >= self.MAX_PENDING:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+            else:
+                self._timer = loop.call_later(self.FLUSH_AFTER, self.flush)
+
+    def flush(self) -> None:
+        with self.lock or contextlib.nullcontext():
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._pending:
+                text = "\n".join(self._pending) + "\n"
+                self._pending.clear()
+                try:
+                    self.stream.write(text)
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass  # stderr is gone (closed pipe): nothing left to tell
+
+
 def configure(level: str = "info", fmt: str = "text") -> None:
     """Install one handler on the root logger, writing to stderr."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BatchingHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

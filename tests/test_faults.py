@@ -487,8 +487,7 @@ async def test_clients_abandoning_downloads_leak_nothing(
 
     fake.extra["/retailer/export"] = endless
     server = await start_proxy(base_config(url))
-    connector = server.forwarder.session.connector
-    assert isinstance(connector, aiohttp.TCPConnector)
+    pool = server.forwarder.pool
     registry = server.forwarder.metrics.registry
     base = f"http://127.0.0.1:{server.port()}"
     async with http.get(f"{base}/retailer/orders") as resp:  # pool and token warmed up
@@ -499,8 +498,7 @@ async def test_clients_abandoning_downloads_leak_nothing(
             assert resp.status == 200
             await resp.content.readexactly(100_000)
             resp.close()  # the client hangs up mid-body
-    # connector._acquired: connections handed out and not yet given back (private, no API)
-    await wait_until(lambda: not connector._acquired
+    await wait_until(lambda: pool.in_use == 0  # every upstream connection given back or closed
                      and registry.get_sample_value("bol_proxy_in_flight_requests") == 0
                      and open_fds() <= before + 4)
     async with http.get(f"{base}/retailer/orders") as resp:
@@ -536,8 +534,7 @@ async def test_client_leaving_mid_request_cancels_the_upstream_exchange(
     runner, upstream = await serve(app)
     try:
         server = await start_proxy(base_config(url, upstream={"api_url": upstream}))
-        connector = server.forwarder.session.connector
-        assert isinstance(connector, aiohttp.TCPConnector)
+        pool = server.forwarder.pool
         _, writer = await asyncio.open_connection("127.0.0.1", server.port())
         if when == "mid-upload":  # 4 MB announced, 2 MB sent: beyond the replay buffer
             writer.write(b"POST /retailer/upload HTTP/1.1\r\nHost: proxy\r\n"
@@ -547,8 +544,7 @@ async def test_client_leaving_mid_request_cancels_the_upstream_exchange(
         await asyncio.wait_for(entered.wait(), 3)
         writer.close()
         await asyncio.wait_for(cancelled.wait(), 3)
-        # connector._acquired: connections handed out and not given back (no public API)
-        await wait_until(lambda: not connector._acquired)
+        await wait_until(lambda: pool.in_use == 0)  # the upstream connection was released
     finally:
         never.set()
         await runner.cleanup()
