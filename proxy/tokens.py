@@ -10,8 +10,8 @@ Where tokens are renewed, and why it is safe:
   before that count runs out: bol allows only one second of clock skew (BOL-API.md).
 * Single flight: one fetch per set at any moment; every concurrent caller awaits the same
   task (shielded, so a caller that disconnects does not cancel it) and gets its outcome.
-* Renewal (:class:`RenewalPolicy`, pure): ``refresh_margin`` plus up to a quarter of it in
-  jitter before expiry, never more than half the lifetime ahead. Failures back off
+* Renewal (:class:`RenewalPolicy`, pure): ``refresh_margin`` before expiry less up to a
+  quarter of it in jitter, never more than half the lifetime ahead. Failures back off
   exponentially with full jitter from 1 s to 60 s; refused credentials wait at least a
   minute, since a login endpoint hammered with bad secrets blocks the address.
 * A background task per set renews it: always for ``prefetch`` sets, and for on-demand
@@ -86,8 +86,10 @@ class RenewalPolicy:
         """Place a fresh grant on the clock; ``sent_at`` is when its request left."""
         ttl = grant.expires_in if grant.expires_in is not None else self.policy.default_ttl
         margin = self.policy.refresh_margin
-        # Replicas renewing in step would hit login.bol.com together: spread them.
-        lead = min(margin + self._rand() * margin / 4, ttl / 2)
+        # Replicas renewing in step would hit login.bol.com together: spread them over
+        # the last quarter of the margin. Never earlier than the margin, so that a set
+        # costs at most one token per (lifetime - margin) seconds.
+        lead = min(margin - self._rand() * margin / 4, ttl / 2)
         expires_at = sent_at + ttl
         return Token(grant.access_token, sent_at, expires_at, expires_at - lead, after_401)
 

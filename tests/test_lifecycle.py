@@ -23,8 +23,8 @@ from proxy.tokens import TokenSource
 from tests.conftest import FakeClock, StartProxy, base_config, wait_until
 
 TTL = 6  # seconds a token of the imitation lives
-MARGIN = 2  # tokens.refresh_margin: with rand 0.5 a token is renewed 3.75 s after its request
-RENEW_EVERY = TTL - MARGIN - 0.5 * MARGIN / 4
+MARGIN = 2  # tokens.refresh_margin: with rand 0.5 a token is renewed 4.25 s after its request
+RENEW_EVERY = TTL - MARGIN + 0.5 * MARGIN / 4
 ORDER_PATH = "/retailer/orders"
 
 
@@ -130,8 +130,9 @@ async def test_failing_token_endpoint_is_invisible_while_the_token_is_valid_then
     await clock.advance(RENEW_EVERY)  # the renewal fails
     await wait_until(lambda: source.failures == 1)
     assert await get_status(http, server) == 200  # the current token is still valid
-    await clock.advance(TTL - 1 - RENEW_EVERY)  # the token's last usable moment has passed
+    await clock.advance(1.0)  # the first retry, 1 s later, fails too
     await wait_until(lambda: source.failures == 2)
+    assert source.current() is None  # and the token is past its last usable moment
     api_before = len(bol.api_requests)
     async with http.get(url_of(server)) as resp:
         assert resp.status == 503

@@ -43,7 +43,7 @@ def half() -> float:
 
 
 # With half, a token is renewed this long after it was requested:
-RENEW_EVERY = LIFETIME - MARGIN - 0.5 * MARGIN / 4
+RENEW_EVERY = LIFETIME - MARGIN + 0.5 * MARGIN / 4
 REJECTIONS = ["invalid_client", "unauthorized_client", "invalid_grant"]
 
 
@@ -170,25 +170,25 @@ async def many_gets(source: TokenSource, n: int) -> list[Token | TokenUnavailabl
 
 
 @pytest.mark.parametrize("rand", [0.0, 0.5, 0.999])
-def test_renewal_is_margin_plus_jitter_before_expiry(rand: float) -> None:
+def test_renewal_is_the_margin_less_jitter_before_expiry(rand: float) -> None:
     policy = RenewalPolicy(TokenPolicy(refresh_margin=30, default_ttl=299), lambda: rand)
     token = policy.token(Grant(Secret("t"), 299), sent_at=1000.0)
     assert token.expires_at == 1299.0
-    assert token.renew_at == pytest.approx(1299.0 - 30 - rand * 30 / 4)
+    assert token.renew_at == pytest.approx(1299.0 - 30 + rand * 30 / 4)
 
 
 def test_renewal_jitter_stays_within_a_quarter_of_the_margin_and_spreads_replicas() -> None:
     policy = RenewalPolicy(TokenPolicy(refresh_margin=40), random.Random(7).random)
     leads = [1299.0 - policy.token(Grant(Secret("t"), 299), 1000.0).renew_at
              for _ in range(200)]
-    assert all(40 <= lead <= 50 for lead in leads)
+    assert all(30 <= lead <= 40 for lead in leads)  # never earlier than the margin
     assert max(leads) - min(leads) > 5  # replicas do not renew in step
 
 
 @pytest.mark.parametrize(("expires_in", "margin", "renew_after"), [
-    (40, 30, 20),  # margin plus jitter would renew after 6.25 s: half the lifetime instead
+    (40, 30, 20),  # margin less jitter would renew after 13.75 s: half the lifetime instead
     (10, 30, 5),
-    (60, 30, 30),  # margin plus jitter (33.75 s) is more than half: half wins
+    (60, 30, 33.75),  # margin less jitter (26.25 s) is less than half: it stands
 ])
 def test_renewal_is_never_more_than_half_the_lifetime_ahead(
     expires_in: float, margin: float, renew_after: float
@@ -412,7 +412,7 @@ async def test_prefetch_set_is_renewed_in_the_background_about_once_per_lifetime
         assert obtain.calls == before  # get() never fetched: the token was already there
         assert clock.now < token.usable_until
     # One fetch at start plus one every RENEW_EVERY seconds: lifetime / (lifetime - margin
-    # - jitter) fetches per lifetime, here about 1.29.
+    # + jitter) fetches per lifetime, here about 1.23, never more than lifetime / 80.
     assert obtain.calls == 1 + steps // 10
     gaps = {round(b - a, 6) for a, b in zip(obtain.times, obtain.times[1:], strict=False)}
     assert gaps == {RENEW_EVERY}
@@ -814,7 +814,7 @@ async def test_apply_with_a_new_policy_renews_by_it_from_the_next_renewal(
     await clock.advance(RENEW_EVERY)  # this renewal was planned under the old margin
     renewed = bench.source().current()
     assert renewed is not None
-    assert renewed.expires_at - renewed.renew_at == 40 + 0.5 * 40 / 4
+    assert renewed.expires_at - renewed.renew_at == 40 - 0.5 * 40 / 4
 
 
 async def test_close_cancels_every_background_task(

@@ -9,10 +9,12 @@ default log level, stderr to a file), then measures, all on 127.0.0.1:
 
 throughput  ``wrk -t1 -c32`` on GET /retailer/orders, directly at the upstream (the bare
             aiohttp server) and through the proxy, alternating rounds; requests/s,
-            p50/p90/p99, ratio proxied/direct (needs wrk: ``apt-get install -y wrk``)
+            p50/p90/p99, ratio proxied/direct
+            (needs wrk: ``apt-get update && apt-get install -y wrk``; skipped without it)
 latency     200 requests/s open loop over 10 connections, timed from each request's
             scheduled start; direct and proxied percentiles and the added latency
-streaming   1 GiB down and 1 GiB up, direct vs proxied; MB/s, ratio, proxy RSS growth
+streaming   1 GiB down and 1 GiB up, direct vs proxied, alternating rounds; MB/s, ratio,
+            growth of the proxy's resident memory
 scale       10,000 on-demand sets: start to /_proxy/health, idle RSS, idle token
             requests, then 1,000 sets active at once and the token requests they cost
 tokens      sustained load with 10 s tokens and a 3 s refresh margin; token requests
@@ -21,7 +23,7 @@ tokens      sustained load with 10 s tokens and a 3 s refresh margin; token requ
 and the proxy's CPU time and memory in each phase. Progress goes to stderr, the report
 to stdout; ``--json`` also writes the numbers; ``--profile`` samples the proxy with py-spy
 during one more proxied wrk round and prints where its time goes. A default run takes
-about 5 minutes, ``--quick`` about 1. Nothing is asserted: the summary compares with issue
+about 4 minutes, ``--quick`` under 2. Nothing is asserted: the summary compares with issue
 6's targets.
 """
 
@@ -34,7 +36,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -53,10 +54,12 @@ from .procs import (
     ROOT,
     BenchError,
     Meter,
+    Others,
     Processes,
     ProxyProcess,
     UpstreamProcess,
     Usage,
+    busy_cores,
     free_port,
     listen_overflows,
     log_summary,
@@ -82,7 +85,7 @@ class Plan:
     """How long and how big each measurement is."""
 
     name: str = "full"
-    rounds: int = 3  # alternating wrk rounds
+    rounds: int = 3  # alternating wrk rounds, and streaming rounds
     wrk_seconds: float = 10.0
     wrk_warmup: float = 2.0
     wrk_connections: int = 32
@@ -173,11 +176,13 @@ class Run:
         """Keep the current VmHWM before resetting it."""
         self.peaks[process] = max(self.peaks.get(process, 0), memory(pid)[1])
 
-    def stop_proxy(self) -> int | None:
+    def stop_proxy(self) -> tuple[int, tuple[int, int]] | None:
+        """Stop the main proxy, if it ran: its exit status and (lines, problems) logged."""
         if self._proxy is None:
             return None
         self.remember_peak("proxy", self._proxy.pid)
-        return self.procs.stop(self._proxy.proc)
+        status = self.procs.stop(self._proxy.proc)
+        return status, log_summary(self._proxy.log)
 
 
 def arun(coro: Coroutine[Any, Any, T]) -> T:
@@ -326,30 +331,29 @@ def run_latency(run: Run) -> Latency:
 
 @dataclass
 class Transfer:
+    """One direction, several alternating rounds of direct and proxied transfers."""
+
     direction: str  # down | up
     size: int
-    direct_seconds: float
-    proxied_seconds: float
-    rss_before: int
-    rss_peak: int
-    rss_after: int
-    proxy_cpu: float
+    direct_seconds: list[float] = field(default_factory=list)
+    proxied_seconds: list[float] = field(default_factory=list)
+    rss_before: int = 0  # proxy RSS before its first transfer
+    rss_peak: int = 0  # highest proxy RSS during any of them
+    rss_after: int = 0  # after the last
+    growth: int = 0  # the largest rise of one transfer: its peak minus the RSS before it
+    proxy_cpu: float = 0.0  # CPU share of the proxy over its transfers
 
     @property
     def direct_mbps(self) -> float:
-        return self.size / MB / self.direct_seconds
+        return self.size / MB / median(self.direct_seconds)
 
     @property
     def proxied_mbps(self) -> float:
-        return self.size / MB / self.proxied_seconds
+        return self.size / MB / median(self.proxied_seconds)
 
     @property
     def ratio(self) -> float:
         return self.proxied_mbps / self.direct_mbps
-
-    @property
-    def growth(self) -> int:
-        return self.rss_peak - self.rss_before
 
 
 async def _sampling_rss(pid: int, work: Awaitable[T], interval: float = 0.05) -> tuple[T, int]:
@@ -374,24 +378,34 @@ async def _sampling_rss(pid: int, work: Awaitable[T], interval: float = 0.05) ->
 
 
 def run_streaming(run: Run) -> list[Transfer]:
-    size = run.plan.stream_bytes
+    plan = run.plan
+    size = plan.stream_bytes
     up, px = run.upstream(), run.proxy()
     moves: dict[str, Callable[[str, int], Coroutine[Any, Any, float]]] = {
         "down": load.download, "up": load.upload}
     transfers = []
     for direction, move in moves.items():
-        note(f"streaming {direction}: {size / 2**20:,.0f} MiB direct")
-        direct = arun(move(up.url, size))
-        note(f"streaming {direction}: {size / 2**20:,.0f} MiB through the proxy")
-        run.remember_peak("proxy", px.pid)
-        precise = reset_peak(px.pid)  # VmHWM from here on is this transfer's peak
-        with Meter(px.pid) as use:
-            proxied, sampled = arun(_sampling_rss(px.pid, move(px.url, size)))
-        assert use.usage is not None
-        peak = max(sampled, use.usage.rss_after, use.usage.hwm if precise else 0)
-        run.record("proxy", f"streaming {direction} (proxied)", use.usage)
-        transfers.append(Transfer(direction, size, direct, proxied, use.usage.rss_before, peak,
-                                  use.usage.rss_after, use.usage.cpu_share))
+        result = Transfer(direction, size)
+        cpu = wall = 0.0
+        for i in range(plan.rounds):
+            note(f"streaming {direction} round {i + 1}/{plan.rounds}: {size / 2**20:,.0f} MiB "
+                 "direct, then proxied")
+            result.direct_seconds.append(arun(move(up.url, size)))
+            run.remember_peak("proxy", px.pid)
+            precise = reset_peak(px.pid)  # VmHWM from here on is this transfer's peak
+            with Meter(px.pid) as use:
+                seconds, sampled = arun(_sampling_rss(px.pid, move(px.url, size)))
+            assert use.usage is not None
+            result.proxied_seconds.append(seconds)
+            run.record("proxy", f"streaming {direction} (proxied)", use.usage)
+            peak = max(sampled, use.usage.rss_after, use.usage.hwm if precise else 0)
+            result.rss_before = result.rss_before or use.usage.rss_before
+            result.rss_peak = max(result.rss_peak, peak)
+            result.rss_after = use.usage.rss_after
+            result.growth = max(result.growth, peak - use.usage.rss_before)
+            cpu, wall = cpu + use.usage.cpu, wall + use.usage.wall
+        result.proxy_cpu = cpu / wall if wall else math.nan
+        transfers.append(result)
     return transfers
 
 
@@ -568,28 +582,13 @@ RUNNERS: dict[str, Callable[[Run], Any]] = {
 # ------------------------------------------------------------------------ environment
 
 
-def _cpu_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine from /proc/stat."""
-    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    total = sum(fields[:8])
-    return total - idle, total
-
-
-def _own_cpu() -> float:
-    """CPU seconds of this process and of its waited-for children (wrk, proxies, ...)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def busy_cores(seconds: float = 1.0) -> float:
-    """How many cores other processes keep busy right now (sampled over ``seconds``)."""
-    busy0, total0 = _cpu_busy()
-    time.sleep(seconds)
-    busy1, total1 = _cpu_busy()
-    cores = os.cpu_count() or 1
-    return (busy1 - busy0) / (total1 - total0) * cores if total1 > total0 else math.nan
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()
 
 
 def environment() -> dict[str, str]:
@@ -598,11 +597,9 @@ def environment() -> dict[str, str]:
         if line.startswith("model name"):
             cpu = line.partition(":")[2].strip()
             break
-    git = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                         capture_output=True, text=True, timeout=10)
-    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "proxy"],
-                             capture_output=True, text=True, timeout=10)
-    dirty = [line[3:] for line in changed.stdout.splitlines()]
+    commit = _git("describe", "--always", "--dirty") or "unknown"
+    dirty = [line[3:] for line in _git("status", "--porcelain", "--", "proxy").splitlines()]
+    uncommitted = (", ".join(dirty) or "none") if commit != "unknown" else "unknown"
     return {
         "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": f"{os.cpu_count()} CPUs ({cpu})",
@@ -611,8 +608,8 @@ def environment() -> dict[str, str]:
         "aiohttp": aiohttp.__version__,
         "wrk": wrk.version(),
         "proxy": " ".join(proxy_command()),
-        "commit": git.stdout.strip() or "unknown",
-        "uncommitted": ", ".join(dirty) or "none",
+        "commit": commit,
+        "uncommitted": uncommitted,
     }
 
 
@@ -625,6 +622,7 @@ class Results:
     env: dict[str, str]
     busy_before: float
     others_share: float = math.nan  # machine CPU used by other processes during the run
+    others_by_phase: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
     phases: dict[str, Any] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
@@ -644,12 +642,14 @@ def render(r: Results) -> str:
         f"aiohttp {e['aiohttp']}, wrk {e['wrk']}",
         f"  proxy:   {e['proxy']} at {e['commit']}, log level info, stderr to a file",
         f"  uncommitted changes measured with it: {e['uncommitted']}",
-        f"  load from other processes: {r.busy_before:.2f} cores busy before the start, "
-        f"{r.others_share * 100:.0f} % of the machine during the run"
+        f"  other processes: {r.busy_before:.2f} cores busy before the start; their share of "
+        f"the machine's CPU during the run {_pct(r.others_share)}"
         + ("   << numbers disturbed" if r.busy_before > 0.3 or r.others_share > 0.1 else ""),
-        "  MB = 10^6 bytes; latencies in ms",
-        "=" * 100,
     ]
+    if r.others_by_phase:
+        out.append("    by phase: " + ", ".join(f"{name} {_pct(v)}"
+                                                for name, v in r.others_by_phase.items()))
+    out += ["  MB = 10^6 bytes; latencies in ms", "=" * 100]
     sections: list[tuple[str, Callable[[Any], list[str]]]] = [
         ("throughput", _throughput), ("latency", _latency), ("streaming", _streaming),
         ("scale", _scale), ("tokens", _economy)]
@@ -659,21 +659,30 @@ def render(r: Results) -> str:
             out += ["", f"{number}. {title}", *body]
         elif name in r.problems:
             out += ["", f"{number}. {name}: {r.problems[name]}"]
-    out += ["", "6. Proxy CPU and memory by phase (CPU: time used per wall second; 100 % "
-                "= one core)"]
+    if r.usage:
+        out += ["", "6. Proxy CPU and memory by phase (CPU: time used per wall second; 100 % "
+                    "= one core)", *_resources(r)]
+    out += ["", "Summary against issue 6's targets", table(
+        ["target", "measured", "goal", "verdict"], _summary(r))]
+    return "\n".join(out)
+
+
+def _resources(r: Results) -> list[str]:
     rows = [[f"{u.phase}" + ("" if u.process == "proxy" else f" [{u.process}]"),
              f"{u.usage.wall:.1f}", f"{u.usage.cpu:.1f}", share(u.usage.cpu_share),
              mb(u.usage.rss_before), mb(u.usage.rss_after), mb(u.usage.hwm)] for u in r.usage]
-    out.append(table(["phase", "wall s", "CPU s", "CPU", "RSS before MB", "RSS after MB",
-                      "VmHWM MB"], rows))
+    out = [table(["phase", "wall s", "CPU s", "CPU", "RSS before MB", "RSS after MB",
+                  "VmHWM MB"], rows)]
     peaks = ", ".join(f"{name} {mb(v)} MB" for name, v in r.peaks.items())
     out.append(f"  peak memory (VmHWM) over the run: {peaks or '-'}")
     if r.proxy_log is not None:
         out.append(f"  main proxy log: {r.proxy_log[0]:,} lines, {r.proxy_log[1]} warnings or "
                    f"errors; exit status {r.proxy_exit}")
-    out += ["", "Summary against issue 6's targets", table(
-        ["target", "measured", "goal", "verdict"], _summary(r))]
-    return "\n".join(out)
+    return out
+
+
+def _pct(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value * 100:.0f} %"
 
 
 def _throughput(t: Throughput) -> list[str]:
@@ -730,13 +739,15 @@ def _latency(la: Latency) -> list[str]:
 
 def _streaming(ts: list[Transfer]) -> list[str]:
     size = ts[0].size if ts else 0
+    rounds = len(ts[0].direct_seconds) if ts else 0
     rows = [[f"{t.direction} ({'GET' if t.direction == 'down' else 'POST, chunked'})",
              f"{t.direct_mbps:,.0f}", f"{t.proxied_mbps:,.0f}", ratio(t.ratio),
              mb(t.rss_before), mb(t.rss_peak), mb(t.rss_after), f"{t.growth / MB:+.1f}",
              share(t.proxy_cpu)] for t in ts]
     return [
-        f"Streaming: {size / 2**20:,.0f} MiB ({size / MB:,.1f} MB) each way; proxy resident "
-        "memory before, at its peak during, and after the transfer",
+        f"Streaming: {size / 2**20:,.0f} MiB ({size / MB:,.1f} MB) each way, {rounds} "
+        "alternating round(s), median MB/s; proxy resident memory before the first, at the "
+        "peak, after the last, and the largest rise during one transfer",
         table(["transfer", "direct MB/s", "proxied MB/s", "ratio", "RSS before", "peak",
                "after", "growth MB", "proxy CPU"], rows),
     ]
@@ -822,7 +833,7 @@ def _summary(r: Results) -> list[list[str]]:
                      f"{worst.tokens} ({worst.name})", f"<= {worst.bound:.2f}",
                      _verdict(all(x.within for x in ec.sets) and ec.non_200 == 0)])
     for name, problem in r.problems.items():
-        rows.append([name, problem[:40], "", "not measured"])
+        rows.append([name, "-", "", problem.partition(":")[0]])
     return rows
 
 
@@ -853,8 +864,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="one short round of everything, 128 MiB transfers (under 2 minutes)")
     p.add_argument("--rounds", type=int, metavar="N",
-                   help="alternating rounds for throughput and latency (default 3 and 2; "
-                        "--quick 1)")
+                   help="alternating rounds of throughput, latency and streaming "
+                        "(default 3, 2 and 3; --quick 1)")
     p.add_argument("--only", nargs="+", choices=PHASES, metavar="NAME", action="extend",
                    help=f"run only these phases: {', '.join(PHASES)}")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
@@ -879,40 +890,40 @@ def main(argv: list[str] | None = None) -> int:
     note(f"bol-proxy benchmark ({plan.name}): {', '.join(selected)}")
     results = Results(plan, environment(), busy_cores())
     workdir = Path(tempfile.mkdtemp(prefix="bol-proxy-bench-"))
-    started, cpu0, own0 = time.perf_counter(), _cpu_busy(), _own_cpu()
+    started = time.perf_counter()
+    procs = Processes()
+    keep = True  # the logs stay for a look when something failed
     try:
-        with Processes() as procs:
+        with procs, Others(procs) as whole:
             run = Run(plan, procs, workdir, Path(args.profile) if args.profile else None)
             for name in selected:
                 try:
-                    results.phases[name] = RUNNERS[name](run)
+                    with Others(procs) as others:
+                        results.phases[name] = RUNNERS[name](run)
+                    results.others_by_phase[name] = others.share
                 except Skipped as exc:
                     results.problems[name] = f"skipped: {exc}"
                 except (BenchError, RuntimeError, OSError, TimeoutError,
                         subprocess.SubprocessError, aiohttp.ClientError) as exc:
                     results.problems[name] = f"failed: {type(exc).__name__}: {exc}"
                     note(f"{name} failed: {exc}")
-            proxy = run._proxy
-            results.proxy_exit = run.stop_proxy()
-            if proxy is not None:
-                results.proxy_log = log_summary(proxy.log)
+            stopped = run.stop_proxy()
+            if stopped is not None:
+                results.proxy_exit, results.proxy_log = stopped
             results.usage, results.peaks = run.usage, run.peaks
+        keep = any(p.startswith("failed") for p in results.problems.values())
     finally:
-        if results.problems and any(p.startswith("failed") for p in results.problems.values()):
+        if keep:
             note(f"logs and configurations kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     results.wall = time.perf_counter() - started
-    cpu1 = _cpu_busy()
-    machine = (cpu1[0] - cpu0[0]) / os.sysconf("SC_CLK_TCK")
-    capacity = (cpu1[1] - cpu0[1]) / os.sysconf("SC_CLK_TCK")
-    if capacity > 0:
-        results.others_share = max(0.0, machine - (_own_cpu() - own0)) / capacity
+    results.others_share = whole.share
     print(render(results))
     if args.json:
         Path(args.json).write_text(json.dumps(_jsonable(results), indent=2) + "\n")
         note(f"results written to {args.json}")
-    return 1 if any(p.startswith("failed") for p in results.problems.values()) else 0
+    return 1 if keep else 0
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ Every wait is bounded by a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import math
 import os
+import resource
 import select
 import signal
 import socket
@@ -69,6 +72,18 @@ class Processes:
             self._procs.remove(proc)
         return proc.returncode
 
+    def cpu_seconds(self) -> float:
+        """CPU time of this process, its threads and every child, running or waited for."""
+        total = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            total += usage.ru_utime + usage.ru_stime
+        for proc in self._procs:
+            if proc.returncode is None:  # not waited for yet: /proc still has it
+                with contextlib.suppress(OSError, ValueError):
+                    total += cpu_seconds(proc.pid)
+        return total
+
     def stop_all(self) -> None:
         for proc in reversed(list(self._procs)):
             try:
@@ -113,6 +128,52 @@ def reset_peak(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks (/proc/stat).
+
+    Busy is time in processes (user, nice, system) plus time taken by the hypervisor
+    (steal); interrupt time is left out, since most of it is our own loopback traffic
+    and no process is charged for it.
+    """
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, _irq, _softirq, steal = ticks
+    return user + nice + system + steal, sum(ticks)
+
+
+class Others:
+    """The share of the machine's CPU that processes other than ours used over a span.
+
+    Other work on a 2-core machine shifts every number here, so the report says how much
+    there was: ``with Others(procs) as o: ...; o.share`` (0.25: half of one of 2 cores).
+    """
+
+    def __init__(self, procs: Processes) -> None:
+        self.procs = procs
+        self.share = math.nan
+
+    def __enter__(self) -> Others:
+        self._busy, self._total = machine_jiffies()
+        self._ours = self.procs.cpu_seconds()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        busy, total = machine_jiffies()
+        ours = self.procs.cpu_seconds() - self._ours
+        if total > self._total:
+            others = (busy - self._busy) / CLOCK_TICKS - ours
+            self.share = max(0.0, others) / ((total - self._total) / CLOCK_TICKS)
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """How many cores the machine keeps busy right now (sampled over ``seconds``)."""
+    busy0, total0 = machine_jiffies()
+    time.sleep(seconds)
+    busy1, total1 = machine_jiffies()
+    cores = os.cpu_count() or 1
+    return (busy1 - busy0) / (total1 - total0) * cores if total1 > total0 else math.nan
 
 
 def listen_overflows() -> int:
