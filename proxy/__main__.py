@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
                    help="validate the configuration, print a summary (secrets masked), exit")
     sub = p.add_subparsers(dest="command", metavar="{demo,authorize}")
     demo = sub.add_parser("demo", help="run against a built-in imitation of bol.com")
-    demo.add_argument("--port", type=int, default=8080, dest="demo_port")
+    demo.add_argument("--port", type=int, dest="demo_port",
+                      help="port of the demo proxy (default: 8080)")
     auth = sub.add_parser("authorize", help="authorise a refresh-token set (SPEC §6.3)")
     auth.add_argument("set", help="name of a credential set with grant: refresh_token")
     auth.add_argument("--config", dest="auth_config")
@@ -75,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from proxy.demo import run_demo
 
-            return run_demo(args.demo_port)
+            port = args.demo_port if args.demo_port is not None else args.port
+            return run_demo(8080 if port is None else port)
         if args.command == "authorize":
             from proxy.authorize import authorize
 

@@ -12,6 +12,8 @@ refused with a problem answer. Listeners: the main one plus one per dedicated se
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -37,6 +39,8 @@ log = logging.getLogger("proxy")
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 POOL_SIZE = 256  # upstream connections kept at most; bol's rate limits bite long before
 KEEPALIVE = 75.0  # seconds an idle client connection is kept (as run_app does)
+LINGER = 2.0  # seconds to drain a refused body before closing, so the answer is read
+CANCEL_GRACE = 0.2  # aiohttp waits this, cancels what is left, and waits it again
 
 
 def require_c_parser() -> None:
@@ -91,6 +95,7 @@ class ProxyServer:
         self.metrics = Metrics()
         self._refresh_files: dict[str, RefreshTokenFile] = {}
         self._sites: dict[tuple[str, int], web.TCPSite] = {}
+        self._stopped = False
         logs.quiet_malformed_requests()
 
     async def start(self) -> None:
@@ -99,7 +104,7 @@ class ProxyServer:
         config, clock = self.config, self._clock
         self.session = client_session(config)
         self.token_client = TokenClient(self.session, config.upstream.token_url,
-                                        config.upstream.connect_timeout + 20)
+                                        config.upstream.connect_timeout)
         self.tokens = Tokens(config, self._obtainer, clock, self._rand,
                              self.metrics.token_fetched)
         self.forwarder = Forwarder(Settings.from_config(config), self.tokens,
@@ -113,8 +118,11 @@ class ProxyServer:
             access_log=None,  # the forwarder writes a cheaper line of its own
             keepalive_timeout=KEEPALIVE,
             auto_decompress=False,  # bodies pass as sent (a gzip upload stays gzip)
+            lingering_time=LINGER,
         )
-        self._runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
+        # stop() waits for in-flight requests itself; aiohttp's own wait (which it would
+        # spend twice: before and after cancelling) only covers what is left after it.
+        self._runner = web.ServerRunner(server, shutdown_timeout=CANCEL_GRACE)
         await self._runner.setup()
         try:
             await self._listen(config)
@@ -198,7 +206,17 @@ class ProxyServer:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within ``shutdown_timeout``."""
-        self.admin.shutting_down = True
+        if self._stopped:
+            return
+        self._stopped = self.admin.shutting_down = True
+        for site in self._sites.values():
+            await site.stop()
+        self._sites.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.forwarder.drained.wait(), self.config.shutdown_timeout)
+        if self.metrics.in_flight:
+            log.warning("shutdown: %d requests still in flight after %.0f s are cancelled",
+                        self.metrics.in_flight, self.config.shutdown_timeout)
         await self._close()
 
     async def _close(self) -> None:

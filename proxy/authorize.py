@@ -55,7 +55,8 @@ def authorize(config: Config, name: str, code: str | None) -> int:
 async def _exchange(config: Config, cred: CredentialSet, code: str) -> None:
     assert cred.refresh_token_file is not None and cred.redirect_uri is not None
     async with client_session(config) as session:
-        client = TokenClient(session, config.upstream.token_url, config.upstream.timeout)
+        client = TokenClient(session, config.upstream.token_url,
+                             config.upstream.connect_timeout)
         grant = await client.request(cred, code_form(code, cred.redirect_uri))
     if grant.refresh_token is None:
         raise TokenEndpointError("malformed", "the answer holds no refresh_token")

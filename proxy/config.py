@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import os
 import re
+import ssl
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ import yaml
 
 from .errors import ConfigError, ConfigFileError
 
+# libyaml's loader where installed: 10,000 credential sets load five times faster.
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 SET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 DEFAULT_ALLOWED_PATHS = (
@@ -139,7 +142,7 @@ def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigFileError(f"cannot read configuration file {path}: {_reason(exc)}") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # a safe loader: CSafeLoader or SafeLoader
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1})" if where is not None else ""
@@ -363,7 +366,15 @@ def _listen(s: _Section) -> Listen:
 
 def _url(s: _Section, name: str, default: str) -> str:
     value = s.string(name, default) or default
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{s.key(name)}: not a valid URL") from None
+    if "@" in parts.netloc:
+        # Never echoed: the part before '@' is a user name and password.
+        raise ConfigError(f"{s.key(name)}: credentials in the URL are not supported; "
+                          "configure them as a credential set")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(
             f"{s.key(name)}: expected an http(s) URL without query, got {_show(value)}")
@@ -376,8 +387,14 @@ def _upstream(s: _Section) -> Upstream:
     connect_timeout = s.number("connect_timeout", Upstream.connect_timeout)
     timeout = s.number("timeout", Upstream.timeout)
     ca_file = s.string("ca_file", None)
-    if ca_file is not None and not os.access(ca_file, os.R_OK):
-        raise ConfigFileError(f"{s.key('ca_file')}: cannot read {ca_file}")
+    if ca_file is not None:
+        if not os.access(ca_file, os.R_OK):
+            raise ConfigFileError(f"{s.key('ca_file')}: cannot read {ca_file}")
+        try:
+            ssl.create_default_context().load_verify_locations(ca_file)
+        except ssl.SSLError:
+            raise ConfigError(f"{s.key('ca_file')}: {ca_file} holds no PEM certificates") \
+                from None
     paths_raw = s.take("allowed_paths", list(DEFAULT_ALLOWED_PATHS))
     if not isinstance(paths_raw, list) or not paths_raw:
         raise ConfigError(f"{s.key('allowed_paths')}: expected a non-empty list of paths")

@@ -52,6 +52,7 @@ log = logging.getLogger("proxy")
 access_log = logging.getLogger("proxy.access")
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})  # safe to send twice (RFC 9110 §9.2)
 SMALL_RESPONSE = 64 * 1024  # answered in one piece: measurably faster than streaming
 _NO_BODY_STATUSES = frozenset({204, 304})
 _TRANSFER_ENCODING = istr("Transfer-Encoding")
@@ -183,6 +184,8 @@ class Forwarder:
         self.tokens = tokens
         self.pool = pool
         self.metrics = metrics
+        self.drained = asyncio.Event()  # set while no request is in flight
+        self.drained.set()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """aiohttp handler for every path that is not the proxy's own."""
@@ -190,22 +193,39 @@ class Forwarder:
         exchange = Exchange(request)
         response: web.StreamResponse | None = None
         self.metrics.in_flight += 1
+        self.drained.clear()
         try:
             response = await self._forward(request, self.settings, exchange)
         except ProxyError as exc:
             response = problem_response(exc)
             exchange.error = exc.code
+            exchange.bytes = response.content_length or 0
             if isinstance(exc, RequestTimeout | BodyTooLarge | BadRequest):
                 # The rest of the body, if any, is not wanted: don't wait to drain it.
                 response.force_close()
         except asyncio.CancelledError:
+            # handler_cancellation: the client closed its connection (or shutdown).
             log.debug("client went away: %s %s", request.method, exchange.path)
+            exchange.error = "client-gone"
             raise
+        except Exception:
+            # A bug must cost one request, not the process or a bare aiohttp 500.
+            log.exception("unexpected error forwarding %s %s", request.method, exchange.path)
+            response = problem_response(ProxyError("the proxy failed unexpectedly; its log "
+                                                   "has the details"))
+            exchange.error = ProxyError.code
         finally:
             self.metrics.in_flight -= 1
-            # 499 is nginx's "client closed request", for the log and the metrics.
-            exchange.status = response.status if response is not None else 499
-            self._record(exchange, started, response)
+            if not self.metrics.in_flight:
+                self.drained.set()
+            # 499 is nginx's "client closed request"; 502 an answer bol broke off.
+            if response is None or exchange.error == "client-gone":
+                exchange.status = 499
+            elif exchange.error == "upstream-failed-mid-body":
+                exchange.status = 502
+            else:
+                exchange.status = response.status
+            self._record(exchange, started)
         return response
 
     async def _forward(self, request: web.BaseRequest, settings: Settings,
@@ -214,7 +234,7 @@ class Forwarder:
         if settings.dedicated_ports and request.transport is not None:
             port = request.transport.get_extra_info("sockname")[1]
         route = settings.router.resolve(
-            request.method, request.raw_path, request.headers.get(CREDENTIALS_HEADER), port
+            request.method, request.raw_path, request.headers.getall(CREDENTIALS_HEADER, []), port
         )
         exchange.set_name = route.set_name
         source = self.tokens.source(route.set_name)
@@ -224,11 +244,18 @@ class Forwarder:
         exchange.deadline = asyncio.get_running_loop().time() + settings.timeout
         target = settings.path_prefix + route.target
         upstream = await self._send(request, target, token, body, exchange)
-        if upstream.status == 401:
-            upstream = await self._after_401(request, target, source, token, body, upstream,
-                                             exchange)
-        exchange.upstream_status = upstream.status
-        return await self._relay(request, upstream, exchange)
+        try:
+            if upstream.status == 401:
+                exchange.upstream_status = 401
+                upstream = await self._after_401(request, target, source, token, body,
+                                                 upstream, exchange)
+            exchange.upstream_status = upstream.status
+            return await self._relay(request, upstream, exchange)
+        except BaseException:
+            # Whatever ended this exchange (a client gone, a failed renewal), the
+            # answer's connection must not stay held (no-op once released).
+            upstream.close()
+            raise
 
     @staticmethod
     async def _body(request: web.BaseRequest, settings: Settings) -> Body:
@@ -255,7 +282,8 @@ class Forwarder:
         try:
             async with asyncio.timeout_at(exchange.deadline):
                 return await pool.request(head, body.payload(), chunked=body.chunked,
-                                          head_only=request.method == "HEAD")
+                                          head_only=request.method == "HEAD",
+                                          idempotent=request.method in _IDEMPOTENT)
         except (UpstreamError, TimeoutError, BodyTooLarge) as exc:
             raise translate(exc, body) from exc
         finally:
@@ -302,19 +330,20 @@ class Forwarder:
                 upstream.close()
                 raise translate(exc) from exc  # nothing sent yet: a clean 502 or 504
             upstream.release()
+            exchange.bytes = len(data)
             return web.Response(status=status, reason=upstream.reason, headers=headers,
                                 body=data)
-        return await self._stream(request, upstream, headers, exchange.deadline)
+        return await self._stream(request, upstream, headers, exchange)
 
     async def _stream(self, request: web.BaseRequest, upstream: Response,
-                      headers: CIMultiDict[str], deadline: float) -> web.StreamResponse:
+                      headers: CIMultiDict[str], exchange: Exchange) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers=headers)
         try:
             await response.prepare(request)
             while True:
                 try:
-                    async with asyncio.timeout_at(deadline):
+                    async with asyncio.timeout_at(exchange.deadline):
                         chunk = await upstream.readany()
                 except (UpstreamError, TimeoutError) as exc:
                     # SPEC §5: never present a truncated body as complete. An aborted
@@ -322,16 +351,19 @@ class Forwarder:
                     # chunked body without its last chunk, which every client reports.
                     log.warning("upstream failed mid-response (%s): aborting the client "
                                 "connection", type(exc).__name__)
+                    exchange.error = "upstream-failed-mid-body"
                     if request.transport is not None:
                         request.transport.abort()
                     return response
                 if not chunk:
                     break
                 await response.write(chunk)
+                exchange.bytes += len(chunk)
             await response.write_eof()
         except ConnectionError:
             log.debug("client went away during the response: %s %s", request.method,
                       request.path)
+            exchange.error = "client-gone"
         finally:
             if upstream.at_eof():
                 upstream.release()  # back to the pool
@@ -339,15 +371,12 @@ class Forwarder:
                 upstream.close()  # half-read: the connection cannot be reused
         return response
 
-    def _record(self, exchange: Exchange, started: float,
-                response: web.StreamResponse | None) -> None:
+    def _record(self, exchange: Exchange, started: float) -> None:
         duration = time.perf_counter() - started
         self.metrics.observe(exchange.set_name, exchange.method, exchange.status, duration,
                              exchange.upstream_seconds if exchange.upstream_status else None)
         if access_log.isEnabledFor(logging.INFO):
-            size = 0
-            if response is not None:  # streamed: bytes written; whole: its length
-                size = response.body_length or response.content_length or 0
+            size = exchange.bytes
             access_log.info(
                 "%s %s %s %d %.1fms upstream=%s bytes=%d replayed=%s",
                 exchange.set_name, exchange.method, exchange.path, exchange.status,
@@ -366,8 +395,8 @@ class Forwarder:
 class Exchange:
     """What the access log and the metrics learn about one request."""
 
-    __slots__ = ("deadline", "error", "method", "path", "replayed", "set_name", "status",
-                 "upstream_seconds", "upstream_status")
+    __slots__ = ("bytes", "deadline", "error", "method", "path", "replayed", "set_name",
+                 "status", "upstream_seconds", "upstream_status")
 
     def __init__(self, request: web.BaseRequest) -> None:
         self.method = request.method
@@ -380,3 +409,4 @@ class Exchange:
         self.replayed = False
         self.error: str | None = None
         self.deadline = 0.0
+        self.bytes = 0  # body bytes passed to the client

@@ -21,6 +21,8 @@ from .config import CredentialSet, Secret
 # OAuth error codes (RFC 6749 §5.2) that mean the credentials themselves are refused;
 # retrying them fast only gets an IP address blocked by login.bol.com.
 REJECTIONS = frozenset({"invalid_client", "unauthorized_client", "invalid_grant"})
+# Failures no quick retry can cure: an operator has to act. Retried once a minute too.
+NO_REFRESH_TOKEN = "no_refresh_token"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class TokenEndpointError(Exception):
     def rejected(self) -> bool:
         """True when bol refused the credentials rather than failing to answer."""
         return self.code in REJECTIONS
+
+    @property
+    def needs_operator(self) -> bool:
+        """Retrying soon cannot help: credentials refused, or no refresh token yet."""
+        return self.rejected or self.code == NO_REFRESH_TOKEN
 
 
 def basic_auth(cred: CredentialSet) -> str:
@@ -111,13 +118,18 @@ def parse_token_response(status: int, body: bytes) -> Grant:
     )
 
 
+TOKEN_ANSWER_TIMEOUT = 20.0  # seconds for login.bol.com to answer, after connecting
+
+
 class TokenClient:
     """POSTs grants to the token endpoint over the proxy's one client session."""
 
-    def __init__(self, session: aiohttp.ClientSession, token_url: str, timeout: float) -> None:
+    def __init__(self, session: aiohttp.ClientSession, token_url: str,
+                 connect_timeout: float) -> None:
         self._session = session
         self.url = token_url
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = aiohttp.ClientTimeout(total=connect_timeout + TOKEN_ANSWER_TIMEOUT,
+                                              sock_connect=connect_timeout)
 
     async def request(self, cred: CredentialSet, form: dict[str, str]) -> Grant:
         """One token request; the single boundary where client errors are translated."""

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import CredentialSet, Secret
-from .oauth import Grant, TokenClient, TokenEndpointError, refresh_form
+from .oauth import NO_REFRESH_TOKEN, Grant, TokenClient, TokenEndpointError, refresh_form
 
 log = logging.getLogger("proxy.tokens")
 
@@ -157,8 +157,9 @@ class RefreshGrant:
         try:
             current = self.store.read()
         except RefreshTokenMissing as exc:
+            # bol was not asked: say what the operator has to do, not "refused".
             raise TokenEndpointError(
-                "invalid_grant", f"no refresh token ({exc}): run bol-proxy authorize "
+                NO_REFRESH_TOKEN, f"no refresh token ({exc}); run: bol-proxy authorize "
                 f"{self._cred.name}") from None
         try:
             grant = await self._client.request(self._cred, refresh_form(current))

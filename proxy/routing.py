@@ -6,8 +6,9 @@ A proxy that holds credentials must forward exactly what it is meant to. The rul
   form and authority form are refused, so the upstream host never comes from a request.
 * The raw path is validated as sent and forwarded as sent. Anything that a later hop
   could normalise into a different path is refused instead of being normalised here:
-  dot segments (also ``%2e``-encoded), encoded ``/`` or ``\\``, backslashes, empty
-  segments (``//host``), control bytes, non-ASCII and broken ``%`` escapes.
+  dot segments (also ``%2e``-encoded), encoded ``/`` or ``\\``, backslashes, ``;`` path
+  parameters (``..;``), empty segments (``//host``), control bytes, non-ASCII and broken
+  ``%`` escapes.
 * The path must lie under one of ``upstream.allowed_paths``, matched on whole segments.
 * The credential set comes from (SPEC §4) the listener's dedicated port, a first path
   segment naming a set, the ``X-Bol-Credentials`` header, then ``default_credentials``.
@@ -25,7 +26,7 @@ from .errors import BadRequest, MethodNotAllowed, NotFound, UnknownCredentials
 REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 _HEX = frozenset("0123456789abcdefABCDEF")
 # Escapes that decode to a separator, a NUL/control byte or a dot (checked separately).
-_BAD_ESCAPES = frozenset({"2f", "5c"} | {f"{i:02x}" for i in range(0x20)} | {"7f"})
+_BAD_ESCAPES = frozenset({"2f", "5c", "3b"} | {f"{i:02x}" for i in range(0x20)} | {"7f"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,9 @@ def check_target(target: str) -> tuple[str, str]:
     path, sep, query = target.partition("?")
     if "\\" in path:
         raise BadRequest("the path holds a backslash")
+    if ";" in path:
+        # Path parameters: servlet containers read "..;" as "..". bol's paths have none.
+        raise BadRequest("the path holds a ';'")
     _check_escapes(path, "path")
     _check_escapes(query, "query")
     segments = path[1:].split("/")
@@ -93,7 +97,7 @@ class Router:
         self._ports = dict(dedicated_ports)
 
     def resolve(
-        self, method: str, target: str, header_set: str | None, local_port: int | None
+        self, method: str, target: str, header_sets: list[str], local_port: int | None
     ) -> Route:
         """The route for one request, or the :class:`ProxyError` that answers it."""
         if method in REFUSED_METHODS:
@@ -108,8 +112,10 @@ class Router:
             path = "/" + rest
         elif slash and not under(path, self._allowed) and under("/" + rest, self._allowed):
             raise UnknownCredentials(f"no credential set named '{first}'")
-        if header_set is not None:
-            name = header_set.strip()
+        if len(header_sets) > 1:
+            raise BadRequest("the request has more than one X-Bol-Credentials header")
+        if header_sets:
+            name = header_sets[0].strip()
             if name not in self._sets:
                 raise UnknownCredentials(
                     f"no credential set named '{name[:64]}' (X-Bol-Credentials)")

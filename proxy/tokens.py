@@ -35,7 +35,7 @@ from cachetools import TLRUCache
 
 from .config import Config, CredentialSet, Secret, TokenPolicy
 from .errors import TokenUnavailable
-from .oauth import Grant, TokenEndpointError
+from .oauth import NO_REFRESH_TOKEN, REJECTIONS, Grant, TokenEndpointError
 
 log = logging.getLogger("proxy.tokens")
 
@@ -191,7 +191,8 @@ class TokenSource:
         except TokenEndpointError as exc:
             return self._failed(exc)
         except Exception as exc:  # a bug or a disk error must not wedge the set
-            log.exception("set %s: token fetch failed unexpectedly", self.cred.name)
+            if self.last_error != "internal":  # one traceback, not one per retry
+                log.exception("set %s: token fetch failed unexpectedly", self.cred.name)
             return self._failed(TokenEndpointError("internal", type(exc).__name__))
         finally:
             self._inflight = None
@@ -221,12 +222,15 @@ class TokenSource:
     def _failed(self, exc: TokenEndpointError) -> TokenEndpointError:
         now = self._clock.monotonic()
         self.failures += 1
-        delay = self.policy.retry_delay(self.failures, exc.rejected)
+        delay = self.policy.retry_delay(self.failures, exc.needs_operator)
         self._next_attempt = now + delay
         self._observe("rejected" if exc.rejected else "failed")
-        if exc.rejected and self.last_error != exc.code:
-            log.error("set %s: login.bol.com refused the credentials (%s); retrying in %.0f s",
-                      self.cred.name, exc.code, delay)
+        if exc.needs_operator and self.last_error != exc.code:
+            what = (f"login.bol.com refused the credentials ({exc.code})" if exc.rejected
+                    else exc.detail)
+            log.error("set %s: %s; retrying in %.0f s", self.cred.name, what, delay)
+        elif exc.needs_operator:  # said once above; the retries only at debug level
+            log.debug("set %s: still %s; retrying in %.0f s", self.cred.name, exc.code, delay)
         else:
             log.warning("set %s: token request failed (%s); attempt %d, retrying in %.1f s",
                         self.cred.name, exc.detail, self.failures, delay)
@@ -247,8 +251,10 @@ class TokenSource:
             "unreachable": "the token endpoint is unreachable",
             "expired": "the token endpoint answered with an already expired token",
         }.get(self.last_error, f"the last token request failed ({self.last_error})")
-        if self.last_error in ("invalid_client", "unauthorized_client", "invalid_grant"):
+        if self.last_error in REJECTIONS:
             why = f"login.bol.com refused the credentials ({self.last_error})"
+        elif self.last_error == NO_REFRESH_TOKEN:
+            why = "there is no refresh token yet: run bol-proxy authorize " + self.cred.name
         return TokenUnavailable(
             f"no valid token for credential set '{self.cred.name}': {why}; "
             f"next attempt in {math.ceil(retry_after)} s",

@@ -68,6 +68,7 @@ class Response:
         self._done = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._handed_back = False
 
     @property
     def complete(self) -> bool:
@@ -104,11 +105,16 @@ class Response:
 
     def release(self) -> None:
         """Done with this answer: its connection goes back to the pool if it can."""
-        self._conn.finished(self)
+        if not self._handed_back:
+            self._handed_back = True
+            self._conn.finished(self)
 
     def close(self) -> None:
-        """Done with this answer before its end: its connection is closed."""
-        self._conn.close()
+        """Done with this answer before its end: its connection is closed. Harmless
+        after release(), when the connection may already carry another request."""
+        if not self._handed_back:
+            self._handed_back = True
+            self._conn.close()
 
     # -- fed by the connection
 
@@ -153,6 +159,7 @@ class _Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self._holds_slot = False
+        self._sender: asyncio.Task[None] | None = None
         self.closed = False
         self.idle_since = 0.0
 
@@ -255,15 +262,15 @@ class _Connection(asyncio.Protocol):
             return await self._head
         # A streamed body goes out while the answer may already be coming: bol can
         # refuse early (401, 413) without reading it all.
-        sender = self._loop.create_task(self._send_stream(body, chunked))
+        self._sender = self._loop.create_task(self._send_stream(body, chunked))
         try:
             response = await self._head
         except BaseException:
-            sender.cancel()
+            self._sender.cancel()
             raise
-        if not sender.done():
+        if not self._sender.done():
             self._body_cut = True  # the rest is not wanted; the connection is spent
-            sender.cancel()
+            self._sender.cancel()
         return response
 
     async def _send_stream(self, body: AsyncIterator[bytes], chunked: bool) -> None:
@@ -317,6 +324,8 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self._reusable = False
+        if self._sender is not None:
+            self._sender.cancel()  # owned here: it ends with its connection
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()
@@ -355,12 +364,14 @@ class UpstreamPool:
     def in_use(self) -> int:
         return len(self._all) - len(self._idle)
 
-    async def request(self, head: bytes, body: Body, *, head_only: bool,
-                      chunked: bool) -> Response:
+    async def request(self, head: bytes, body: Body, *, head_only: bool, chunked: bool,
+                      idempotent: bool) -> Response:
         """Send a request (``head`` ends with the blank line) and return its answer.
 
-        The connection is held until the answer is released or closed."""
-        resendable = body is None or isinstance(body, bytes)
+        The connection is held until the answer is released or closed. Only an
+        idempotent request is sent again after the keep-alive race: bol may have acted
+        on a POST whose connection broke before the answer."""
+        resendable = idempotent and (body is None or isinstance(body, bytes))
         for attempt in (0, 1):
             conn, reused = await self._acquire()
             try:

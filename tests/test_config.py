@@ -18,6 +18,7 @@ from proxy.config import (
     load_env,
     load_file,
     summary,
+    validate,
 )
 from proxy.errors import ConfigError, ConfigFileError
 
@@ -567,3 +568,17 @@ def test_config_is_immutable(tmp_path: Path) -> None:
     config: Config = load_file(write(tmp_path, BASE), env={})
     with pytest.raises(AttributeError):
         config.listen.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("key", ["api_url", "token_url"])
+def test_credentials_in_an_upstream_url_are_refused_without_echoing_them(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"upstream.{key}: credentials in the URL") as info:
+        validate({**BASE, "upstream": {key: "https://user:s3cretXYZ@api.bol.com"}})
+    assert "s3cretXYZ" not in str(info.value)
+
+
+def test_a_ca_file_without_certificates_is_a_configuration_error(tmp_path: Path) -> None:
+    bundle = tmp_path / "corporate.pem"
+    bundle.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"upstream\.ca_file: .* holds no PEM certificates"):
+        validate({**BASE, "upstream": {"ca_file": str(bundle)}})

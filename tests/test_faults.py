@@ -636,3 +636,128 @@ async def test_malformed_requests_leave_no_error_and_no_traceback_in_any_log(
         assert split_response(await raw_request(server.port(), junk))[0] == 400
     await answers_normally(server)
     no_errors_logged(caplog)
+
+
+# --------------------------------------------------------- the upstream connection pool
+
+
+@pytest.fixture
+async def flaky_keepalive() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An upstream that answers the first request of a connection and keeps it open,
+    then reads the second request on it and hangs up without a word (the keep-alive
+    race, as when bol closes an idle connection just as the proxy reuses it)."""
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for number in (1, 2):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                seen.append(head.split(b"\r\n")[0] + b" " + await reader.readexactly(length))
+                if number == 1:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.parametrize(("method", "status", "times_seen"), [
+    ("GET", 200, 2),   # idempotent: sent again on a fresh connection
+    ("POST", 502, 1),  # bol may have acted on it: never sent twice
+])
+async def test_keep_alive_race_resends_only_idempotent_requests(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+    flaky_keepalive: tuple[str, list[bytes]], method: str, status: int, times_seen: int,
+) -> None:
+    _, url = bol
+    upstream, seen = flaky_keepalive
+    server = await start_proxy(base_config(url, upstream={"api_url": upstream}))
+    base = f"http://127.0.0.1:{server.port()}"
+    async with http.get(f"{base}/retailer/warm") as resp:  # leaves a pooled connection
+        assert resp.status == 200 and await resp.read() == b"ok"
+    async with http.request(method, f"{base}/retailer/shipments", data=b"{}") as resp:
+        assert resp.status == status
+    sent = [s for s in seen if s.startswith(method.encode() + b" /retailer/shipments")]
+    assert len(sent) == times_seen
+
+
+async def test_client_leaving_while_a_small_answer_arrives_frees_its_connection(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, raw_upstream: StartRawUpstream,
+) -> None:
+    _, url = bol
+    stalled = asyncio.Event()
+
+    async def half_answer(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await writer.drain()
+        stalled.set()
+        await asyncio.Event().wait()  # the rest never comes; cancelled at teardown
+
+    upstream = await raw_upstream(half_answer)
+    server = await start_proxy(base_config(url, upstream={"api_url": upstream}))
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port())
+    writer.write(request(b"/retailer/orders"))
+    await asyncio.wait_for(stalled.wait(), 5)
+    writer.close()  # the tool gives up
+    pool = server.forwarder.pool
+    await wait_until(lambda: pool.in_use == 0 and pool.open_connections == 0)
+    assert split_response(await raw_request(server.port(), request(b"/retailer/ok")))[0] == 200
+
+
+async def test_an_unexpected_error_costs_one_request_a_500_problem_and_one_log_line(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, url = bol
+    server = await start_proxy(base_config(url))
+    working = server.forwarder.tokens
+
+    class Broken:
+        def source(self, name: str) -> None:
+            raise RuntimeError("a bug")
+
+    server.forwarder.tokens = Broken()  # type: ignore[assignment]
+    async with http.get(f"http://127.0.0.1:{server.port()}/retailer/orders") as resp:
+        assert resp.status == 500
+        assert (await problem(resp))["type"] == "urn:bol-proxy:internal-error"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "unexpected error forwarding GET /retailer/orders"]
+    server.forwarder.tokens = working
+    await answers_normally(server)
+
+
+async def test_access_line_of_an_abandoned_download_says_499_and_the_bytes_sent(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    fake, url = bol
+    total = 8 * MB
+
+    async def export(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(total)})
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            for _ in range(total // 65536):
+                await response.write(b"e" * 65536)
+        return response
+
+    fake.extra["/retailer/export"] = export
+    server = await start_proxy(base_config(url))
+    async with http.get(f"http://127.0.0.1:{server.port()}/retailer/export") as resp:
+        await resp.content.readexactly(100_000)
+        resp.close()
+    await wait_until(lambda: any(r.name == "proxy.access" for r in caplog.records))
+    (line,) = [r for r in caplog.records if r.name == "proxy.access"]
+    fields = line.__dict__["access"]
+    assert (fields["status"], fields["upstream_status"]) == (499, 200)
+    assert 100_000 <= fields["bytes"] < total
+    assert fields["error"] == "client-gone"

@@ -301,14 +301,15 @@ async def test_only_invalid_grant_makes_the_file_be_read_again(
     assert fake.sent == [FIRST, sent_next]
 
 
-async def test_missing_file_is_invalid_grant_without_asking_bol(
+async def test_missing_file_says_to_authorize_without_asking_bol(
     tmp_path: Path, wall: WallClock
 ) -> None:
     grant_source, fake = refresher(tmp_path / "never-written", wall)
     with pytest.raises(TokenEndpointError) as info:
         await grant_source()
-    assert info.value.code == "invalid_grant"
-    assert info.value.rejected
+    assert info.value.code == "no_refresh_token"
+    assert not info.value.rejected  # bol refused nothing: it was not asked
+    assert info.value.needs_operator  # so retried no faster than a refusal
     assert "bol-proxy authorize partner" in str(info.value)
     assert fake.sent == []
 

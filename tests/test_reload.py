@@ -124,3 +124,28 @@ async def test_in_flight_request_finishes_across_a_reload(
     await server.reload(validate(raw))
     release.set()
     assert await asyncio.wait_for(pending, 5) == 200
+
+
+async def test_stop_gives_in_flight_requests_the_shutdown_timeout_once_not_twice(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+) -> None:
+    fake, url = bol
+    entered = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.Response:
+        entered.set()
+        await asyncio.Event().wait()  # never answers
+        raise AssertionError("unreachable")
+
+    fake.extra["/retailer/endless"] = endless
+    server = await start_proxy(base_config(url, shutdown_timeout=2))
+    pending = asyncio.get_running_loop().create_task(
+        status(http, server.port(), "/retailer/endless"))
+    await asyncio.wait_for(entered.wait(), 5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await server.stop()
+    # 2 s for the request, then a moment to cancel it (aiohttp alone would wait 2 s more).
+    assert 2 <= loop.time() - started < 3.5
+    with pytest.raises(aiohttp.ClientError):
+        await asyncio.wait_for(pending, 5)

@@ -23,7 +23,7 @@ def router(default: str | None = "seta") -> Router:
 
 def resolve(target: str, header: str | None = None, port: int | None = MAIN_PORT,
             method: str = "GET", default: str | None = "seta") -> Route:
-    return router(default).resolve(method, target, header, port)
+    return router(default).resolve(method, target, [] if header is None else [header], port)
 
 
 # ----------------------------------------------------------------- refused targets
@@ -227,7 +227,7 @@ def test_unknown_header_is_not_echoed_at_length() -> None:
 # ------------------------------------------------------------------ properties
 
 SEGMENT = (
-    st.lists(st.sampled_from([*"abcXYZ019-_~.!$&'()*+,;=:@", "%20", "%C3%A9", "%2B", "%25"]),
+    st.lists(st.sampled_from([*"abcXYZ019-_~.!$&'()*+,=:@", "%20", "%C3%A9", "%2B", "%25"]),
              min_size=1, max_size=8)
     .map("".join)
     .filter(lambda s: s not in (".", ".."))
@@ -293,3 +293,15 @@ def test_a_resolved_target_is_always_a_clean_path_under_an_allowed_root(
     assert "" not in segments[:-1]
     assert route.set_name in SETS
     assert target.endswith(route.target)  # only ever a set prefix is removed
+
+
+def test_two_credential_headers_are_refused_not_resolved_by_order() -> None:
+    with pytest.raises(BadRequest, match="more than one X-Bol-Credentials"):
+        router().resolve("GET", "/retailer/orders", ["seta", "setb"], MAIN_PORT)
+
+
+@pytest.mark.parametrize("path", ["/retailer/..;/admin", "/retailer/orders;jsessionid=1",
+                                  "/retailer/%3b/x", "/retailer/..%3B/x"])
+def test_path_parameters_are_refused(path: str) -> None:
+    with pytest.raises(BadRequest):
+        resolve(path)
