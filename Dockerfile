@@ -10,7 +10,7 @@ COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/bol-proxy \
- && /opt/bol-proxy/bin/pip install /wheels/*.whl
+ && /opt/bol-proxy/bin/pip install "$(ls /wheels/*.whl)[fast]"
 
 # --- runtime: the venv only, as an unprivileged user
 FROM python:3.12-slim

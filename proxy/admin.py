@@ -8,7 +8,6 @@ when requests will not wait for or fail on a token; ``metrics`` is Prometheus te
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -27,7 +26,7 @@ def _iso(wall: float | None) -> str | None:
 class Admin:
     """Handlers for health, readiness and metrics."""
 
-    def __init__(self, tokens: Callable[[], Tokens], metrics: Metrics) -> None:
+    def __init__(self, tokens: Tokens, metrics: Metrics) -> None:
         self._tokens = tokens
         self._metrics = metrics
         self.shutting_down = False
@@ -36,7 +35,7 @@ class Admin:
         return web.json_response({"status": "ok"})
 
     async def ready(self, request: web.BaseRequest) -> web.Response:
-        tokens = self._tokens()
+        tokens = self._tokens
         sets = {}
         ready = not self.shutting_down
         for source in tokens.active():

@@ -1,8 +1,9 @@
 """The running proxy: its resources, its listeners, reload and graceful stop.
 
-:class:`ProxyServer` owns one ``ClientSession`` (no decompression, no cookie jar, no
-redirects, no injected headers), the token sources, the forwarder and the admin
-endpoints, opened in ``start()`` and closed in reverse order in ``stop()``. It serves
+:class:`ProxyServer` owns the upstream connection pool (:mod:`proxy.upstream`), one
+aiohttp ``ClientSession`` for token requests (no cookie jar, no redirects, no injected
+headers), the token sources, the forwarder and the admin endpoints, opened in
+``start()`` and closed in reverse order in ``stop()``. It serves
 through aiohttp's low-level ``web.Server`` with one handler: the proxy has exactly two
 destinations (``/_proxy/`` or the forwarder), so a router, middleware and the
 per-request exception aiohttp raises for unrouted paths would be pure overhead, and an
@@ -36,8 +37,9 @@ from .upstream import UpstreamPool
 log = logging.getLogger("proxy")
 
 # Headers aiohttp's client would add on its own; only what the tool sent goes to bol.
+# Token requests carry exactly the headers oauth.TokenClient sets, nothing aiohttp adds.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-POOL_SIZE = 256  # upstream connections kept at most; bol's rate limits bite long before
+POOL_SIZE = 256  # connections to bol in use at most; its rate limits bite long before
 KEEPALIVE = 75.0  # seconds an idle client connection is kept (as run_app does)
 LINGER = 2.0  # seconds to drain a refused body before closing, so the answer is read
 CANCEL_GRACE = 0.2  # aiohttp waits this, cancels what is left, and waits it again
@@ -72,7 +74,7 @@ def upstream_pool(config: Config) -> UpstreamPool:
 
 def client_session(config: Config) -> aiohttp.ClientSession:
     """The session to login.bol.com: transparent, kept alive, no cookies kept."""
-    connector = aiohttp.TCPConnector(limit=POOL_SIZE, ssl=tls_context(config),
+    connector = aiohttp.TCPConnector(limit=64, ssl=tls_context(config),
                                      ttl_dns_cache=300, keepalive_timeout=30)
     return aiohttp.ClientSession(
         connector=connector,
@@ -109,8 +111,8 @@ class ProxyServer:
                              self.metrics.token_fetched)
         self.forwarder = Forwarder(Settings.from_config(config), self.tokens,
                                    upstream_pool(config), self.metrics)
-        self.admin = Admin(lambda: self.forwarder.tokens, self.metrics)
-        self.metrics.watch_tokens(lambda: self.forwarder.tokens.active(), clock.monotonic,
+        self.admin = Admin(self.tokens, self.metrics)
+        self.metrics.watch_tokens(self.tokens.active, clock.monotonic,
                                   self._authorisation_expiry)
         server = web.Server(
             self._handle,

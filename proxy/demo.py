@@ -202,11 +202,8 @@ async def start_fake(fake: FakeBol, host: str = "127.0.0.1", port: int = 0) -> t
     """Serve ``fake`` and return its runner and base URL."""
     runner = web.AppRunner(fake.app(), access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    server = site._server
-    assert server is not None and hasattr(server, "sockets")
-    return runner, f"http://{host}:{server.sockets[0].getsockname()[1]}"
+    await web.TCPSite(runner, host, port).start()
+    return runner, f"http://{host}:{runner.addresses[0][1]}"
 
 
 def demo_config(base_url: str, port: int) -> dict[str, Any]:

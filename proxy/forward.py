@@ -7,16 +7,17 @@ One request, step by step:
 2. The request body is sized up: declared lengths over ``max_body_size`` are refused at
    once; a body of at most ``replay_buffer`` bytes is read whole (it can be replayed),
    anything larger streams through with a running count.
-3. The set's token is attached and the request goes to ``upstream.api_url`` + the raw
-   target, with ``encoded=True`` so that nothing re-normalises the path or the query.
+3. The set's token is attached and the request goes over :mod:`proxy.upstream` to
+   ``upstream.api_url`` with the raw target as the client sent it: nothing re-encodes or
+   re-normalises the path or the query.
 4. A 401 for the token just used invalidates it (if still current), and a buffered
    request is replayed once with the new token.
 5. The answer goes back unchanged: small bodies in one piece, others streamed. If bol's
    side breaks mid-body, the client's connection is aborted, so a short body can never
    pass for a complete one.
 
-aiohttp client exceptions are translated into :mod:`proxy.errors` in :func:`translate`
-only, and never with their text (``repr`` of some of them contains request headers).
+Upstream failures are translated into :mod:`proxy.errors` in :func:`translate` only.
+Headers are never logged: the access line has the path without its query.
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ from .errors import (
     problem_response,
 )
 from .headers import CREDENTIALS_HEADER, client_response_headers, upstream_request_headers
+from .logs import access_log
 from .metrics import Metrics
 from .routing import Router
 from .tokens import Token, Tokens, TokenSource
 from .upstream import Response, UpstreamError, UpstreamPool, request_head
 
 log = logging.getLogger("proxy")
-access_log = logging.getLogger("proxy.access")
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})  # safe to send twice (RFC 9110 §9.2)
@@ -66,7 +67,7 @@ class Settings:
     router: Router
     path_prefix: str  # the path of upstream.api_url, if it has one
     timeout: float
-    dedicated_ports: bool
+    has_dedicated_ports: bool
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
@@ -77,7 +78,7 @@ class Settings:
                           config.dedicated_ports()),
             path_prefix=urlsplit(up.api_url).path.rstrip("/"),
             timeout=up.timeout,
-            dedicated_ports=bool(config.dedicated_ports()),
+            has_dedicated_ports=bool(config.dedicated_ports()),
         )
 
 
@@ -231,7 +232,7 @@ class Forwarder:
     async def _forward(self, request: web.BaseRequest, settings: Settings,
                        exchange: Exchange) -> web.StreamResponse:
         port = None
-        if settings.dedicated_ports and request.transport is not None:
+        if settings.has_dedicated_ports and request.transport is not None:
             port = request.transport.get_extra_info("sockname")[1]
         route = settings.router.resolve(
             request.method, request.raw_path, request.headers.getall(CREDENTIALS_HEADER, []), port
@@ -375,20 +376,16 @@ class Forwarder:
         duration = time.perf_counter() - started
         self.metrics.observe(exchange.set_name, exchange.method, exchange.status, duration,
                              exchange.upstream_seconds if exchange.upstream_status else None)
-        if access_log.isEnabledFor(logging.INFO):
-            size = exchange.bytes
-            access_log.info(
-                "%s %s %s %d %.1fms upstream=%s bytes=%d replayed=%s",
-                exchange.set_name, exchange.method, exchange.path, exchange.status,
-                duration * 1000, exchange.upstream_status or "-", size,
-                "yes" if exchange.replayed else "no",
-                extra={"access": {
-                    "set": exchange.set_name, "method": exchange.method,
-                    "path": exchange.path, "status": exchange.status,
-                    "duration_ms": round(duration * 1000, 2),
-                    "upstream_status": exchange.upstream_status, "bytes": size,
-                    "replayed": exchange.replayed, "error": exchange.error,
-                }},
+        if access_log.enabled():
+            access_log.write(
+                f"{exchange.set_name} {exchange.method} {exchange.path} {exchange.status} "
+                f"{duration * 1000:.1f}ms upstream={exchange.upstream_status or '-'} "
+                f"bytes={exchange.bytes} replayed={'yes' if exchange.replayed else 'no'}"
+                + (f" error={exchange.error}" if exchange.error else ""),
+                {"set": exchange.set_name, "method": exchange.method, "path": exchange.path,
+                 "status": exchange.status, "duration_ms": round(duration * 1000, 2),
+                 "upstream_status": exchange.upstream_status, "bytes": exchange.bytes,
+                 "replayed": exchange.replayed, "error": exchange.error},
             )
 
 

@@ -78,14 +78,14 @@ class Clock:
 class RenewalPolicy:
     """When to renew and when to retry (pure; the random source is injectable)."""
 
-    def __init__(self, policy: TokenPolicy, rand: Callable[[], float] = random.random) -> None:
-        self.policy = policy
+    def __init__(self, settings: TokenPolicy, rand: Callable[[], float] = random.random) -> None:
+        self.settings = settings  # the tokens: section of the configuration
         self._rand = rand
 
     def token(self, grant: Grant, sent_at: float, *, after_401: bool = False) -> Token:
         """Place a fresh grant on the clock; ``sent_at`` is when its request left."""
-        ttl = grant.expires_in if grant.expires_in is not None else self.policy.default_ttl
-        margin = self.policy.refresh_margin
+        ttl = grant.expires_in if grant.expires_in is not None else self.settings.default_ttl
+        margin = self.settings.refresh_margin
         # Replicas renewing in step would hit login.bol.com together: spread them over
         # the last quarter of the margin. Never earlier than the margin, so that a set
         # costs at most one token per (lifetime - margin) seconds.
@@ -276,7 +276,8 @@ class TokenSource:
         try:
             while True:
                 now = self._clock.monotonic()
-                if not self.cred.prefetch and now - self.last_used >= self.policy.policy.idle_after:
+                idle = now - self.last_used >= self.policy.settings.idle_after
+                if not self.cred.prefetch and idle:
                     log.debug("set %s: idle, no longer renewed", self.cred.name)
                     return  # idle on-demand sets cost no token requests
                 token = self._cache.get(self.cred)
@@ -344,10 +345,6 @@ class Tokens:
         """A point on the monotonic clock as Unix time, for people to read."""
         return self._clock.wall() + (monotonic - self._clock.monotonic())
 
-    @property
-    def clock(self) -> Clock:
-        return self._clock
-
     def start(self) -> None:
         """Start renewing every ``prefetch`` set."""
         for cred in self.config.credentials.values():
@@ -358,7 +355,7 @@ class Tokens:
         """Follow a reloaded configuration: unchanged sets keep their tokens."""
         old = self._sources
         self.config = config
-        if config.tokens != self._policy.policy:
+        if config.tokens != self._policy.settings:
             self._policy = RenewalPolicy(config.tokens, self._rand)
         keep = {n: s for n, s in old.items() if config.credentials.get(n) == s.cred}
         for source in keep.values():

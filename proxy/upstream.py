@@ -29,6 +29,7 @@ import collections
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterable
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -166,8 +167,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's does not subclass asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._received = True

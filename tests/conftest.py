@@ -139,11 +139,8 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
     """Serve an ad-hoc upstream on 127.0.0.1:0."""
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    server = site._server
-    assert server is not None and hasattr(server, "sockets")
-    return runner, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 # ------------------------------------------------------------ raw HTTP and answers

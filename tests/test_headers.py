@@ -8,7 +8,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.headers import (
     client_response_headers,
     connection_listed,
-    redacted,
     upstream_request_headers,
 )
 
@@ -76,7 +75,7 @@ def test_hop_by_hop_headers_in_any_case_are_removed_both_ways() -> None:
 def test_headers_named_by_connection_are_removed_both_ways(connection: list[str]) -> None:
     items = [("Connection", c) for c in connection]
     items += [("X-One", "1"), ("X-Two", "2"), ("X-Two", "again"), ("X-Three", "3")]
-    assert connection_listed(headers(*items)) >= {"X-One", "X-Two"}
+    assert connection_listed(connection) >= {"x-one", "x-two"}
     for out in (up(*items), down(*items)):
         assert "X-One" not in out
         assert "X-Two" not in out
@@ -163,38 +162,6 @@ def test_incoming_headers_are_not_modified() -> None:
     upstream_request_headers(incoming, "tok", keep_length=False)
     assert list(incoming.items()) == [("Host", "localhost"), ("Connection", "X-One"),
                                       ("X-One", "1")]
-
-
-def test_redacted_hides_credential_values_and_keeps_the_rest() -> None:
-    items = [
-        ("Authorization", "Bearer the-token"),
-        ("Accept", "*/*"),
-        ("Proxy-Authorization", "Basic abc"),
-        ("Cookie", "session=s3cret"),
-        ("Set-Cookie", "id=s3cret"),
-        ("X-Bol-Credentials", "acme"),
-    ]
-    assert redacted(items) == [
-        ("Authorization", "[redacted]"),
-        ("Accept", "*/*"),
-        ("Proxy-Authorization", "[redacted]"),
-        ("Cookie", "[redacted]"),
-        ("Set-Cookie", "[redacted]"),
-        ("X-Bol-Credentials", "acme"),
-    ]
-
-
-def test_redacted_hides_credential_values_whatever_the_case() -> None:
-    names = ["authorization", "PROXY-AUTHORIZATION", "cookie", "set-cookie"]
-    assert redacted([(name, "s3cret") for name in names]) == [
-        (name, "[redacted]") for name in names
-    ]
-
-
-def test_redacted_accepts_the_headers_the_proxy_builds() -> None:
-    shown = redacted(up(("Accept", "*/*")).items())
-    assert ("Authorization", "[redacted]") in shown
-    assert "the-token" not in repr(shown)
 
 
 def test_response_header_names_keep_the_spelling_bol_sent() -> None:
