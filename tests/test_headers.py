@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.headers import (
@@ -167,3 +169,47 @@ def test_incoming_headers_are_not_modified() -> None:
 def test_response_header_names_keep_the_spelling_bol_sent() -> None:
     out = down(("x-ratelimit-remaining", "24"), ("CONTENT-TYPE", "application/json"))
     assert list(out.keys()) == ["x-ratelimit-remaining", "CONTENT-TYPE"]
+
+
+# ---------------------------------------------------------------------- properties
+
+NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-",
+               min_size=1, max_size=12)
+HOP = st.sampled_from([name for name, _ in HOP_BY_HOP] + ["Host", "Authorization",
+                                                          "X-Bol-Credentials", "Expect"])
+CASED = st.tuples(HOP, st.sampled_from([str.lower, str.upper, str.title])).map(
+    lambda pair: pair[1](pair[0]))
+VALUE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=20)
+
+
+@given(end_to_end=st.lists(st.tuples(NAME, VALUE), max_size=8),
+       hop=st.lists(st.tuples(CASED, VALUE), max_size=6))
+@settings(max_examples=300, deadline=None, database=None)
+def test_what_goes_up_is_the_end_to_end_headers_in_order_plus_one_bearer(
+    end_to_end: list[tuple[str, str]], hop: list[tuple[str, str]]
+) -> None:
+    dropped = {name.lower() for name, _ in HOP_BY_HOP} | {
+        "host", "authorization", "x-bol-credentials", "expect", "connection"}
+    kept = [(n, v) for n, v in end_to_end if n.lower() not in dropped]
+    # Connection may name any of the end-to-end headers: those go too.
+    listed = {v.strip().lower() for n, v in hop if n.lower() == "connection"
+              for v in v.split(",")}
+    expected = [(n, v) for n, v in kept if n.lower() not in listed]
+    out = upstream_request_headers(headers(*end_to_end, *hop), "tok", keep_length=True)
+    assert list(out.items()) == [*expected, ("Authorization", "Bearer tok")]
+
+
+@given(end_to_end=st.lists(st.tuples(NAME, VALUE), max_size=8),
+       hop=st.lists(st.tuples(CASED, VALUE), max_size=6))
+@settings(max_examples=300, deadline=None, database=None)
+def test_what_comes_back_never_holds_a_hop_by_hop_header(
+    end_to_end: list[tuple[str, str]], hop: list[tuple[str, str]]
+) -> None:
+    out = down(*end_to_end, *hop)
+    hop_names = {name.lower() for name, _ in HOP_BY_HOP}
+    assert not {name.lower() for name in out} & hop_names
+    for name, value in end_to_end:
+        if name.lower() not in hop_names and name.lower() not in {
+                v.strip().lower() for n, vs in hop if n.lower() == "connection"
+                for v in vs.split(",")}:
+            assert value in out.getall(name)
