@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, istr
+from multidict import istr
 
 from .config import Config
 from .errors import (
@@ -281,10 +281,10 @@ class Forwarder:
                             body.framing(request.method))
         started = time.perf_counter()
         try:
-            async with asyncio.timeout_at(exchange.deadline):
-                return await pool.request(head, body.payload(), chunked=body.chunked,
-                                          head_only=request.method == "HEAD",
-                                          idempotent=request.method in _IDEMPOTENT)
+            return await pool.request(head, body.payload(), chunked=body.chunked,
+                                      head_only=request.method == "HEAD",
+                                      idempotent=request.method in _IDEMPOTENT,
+                                      deadline=exchange.deadline)
         except (UpstreamError, TimeoutError, BodyTooLarge) as exc:
             raise translate(exc, body) from exc
         finally:
@@ -325,8 +325,7 @@ class Forwarder:
         length = upstream.content_length
         if length is not None and length <= SMALL_RESPONSE:
             try:
-                async with asyncio.timeout_at(exchange.deadline):
-                    data = await upstream.read()
+                data = await upstream.read()  # bounded by the exchange's deadline
             except (UpstreamError, TimeoutError) as exc:
                 upstream.close()
                 raise translate(exc) from exc  # nothing sent yet: a clean 502 or 504
@@ -337,15 +336,14 @@ class Forwarder:
         return await self._stream(request, upstream, headers, exchange)
 
     async def _stream(self, request: web.BaseRequest, upstream: Response,
-                      headers: CIMultiDict[str], exchange: Exchange) -> web.StreamResponse:
+                      headers: list[tuple[str, str]], exchange: Exchange) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers=headers)
         try:
             await response.prepare(request)
             while True:
                 try:
-                    async with asyncio.timeout_at(exchange.deadline):
-                        chunk = await upstream.readany()
+                    chunk = await upstream.readany()  # bounded by the deadline
                 except (UpstreamError, TimeoutError) as exc:
                     # SPEC §5: never present a truncated body as complete. An aborted
                     # connection leaves the client a short Content-Length body or a

@@ -82,7 +82,7 @@ def upstream_request_headers(
     return out
 
 
-def client_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+def client_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """What goes back to the tool: bol's headers, names spelled as bol spelled them
     (aiohttp's parsed view re-cases the names it knows), minus the hop-by-hop ones.
 
@@ -93,13 +93,12 @@ def client_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[s
         fields = [(n.decode(), v.decode()) for n, v in raw]  # strict UTF-8
     except UnicodeDecodeError:
         fields = [("", "\udc80")]  # not UTF-8: refused just below
+    if _UNWRITABLE.search("\t".join([f"{n}\t{v}" for n, v in fields])):
+        raise UpstreamUnreachable("the upstream sent a header that cannot be passed on "
+                                  "unchanged (control or non-UTF-8 bytes)")
     drop = _HOP_BY_HOP_LOWER
     listed = [v for n, v in fields if n.lower() == "connection"]
     if listed:
         drop = drop | connection_listed(listed)
-    out: CIMultiDict[str] = CIMultiDict(
-        [(name, value) for name, value in fields if name.lower() not in drop])
-    if _UNWRITABLE.search("\t".join(n + "\t" + v for n, v in fields)):
-        raise UpstreamUnreachable("the upstream sent a header that cannot be passed on "
-                                  "unchanged (control or non-UTF-8 bytes)")
-    return out
+    # A plain list: aiohttp copies the headers of a response into a multidict anyway.
+    return [(name, value) for name, value in fields if name.lower() not in drop]

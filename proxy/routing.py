@@ -76,11 +76,6 @@ def _check_escapes(text: str, where: str) -> None:
         start = text.find("%", start + 3)
 
 
-def under(path: str, prefixes: Collection[str]) -> bool:
-    """True when ``path`` equals a prefix or continues it after a ``/``."""
-    return any(path == p or path.startswith(p + "/") for p in prefixes)
-
-
 class Router:
     """Resolves requests to routes for one configuration; built once per (re)load."""
 
@@ -93,8 +88,13 @@ class Router:
     ) -> None:
         self._sets = frozenset(sets)
         self._default = default
-        self._allowed = tuple(allowed_paths)
+        self._allowed = frozenset(allowed_paths)
+        self._allowed_slashed = tuple(p + "/" for p in allowed_paths)
         self._ports = dict(dedicated_ports)
+
+    def _covers(self, path: str) -> bool:
+        """``under(path, allowed_paths)``, with the prefixes prepared once."""
+        return path in self._allowed or path.startswith(self._allowed_slashed)
 
     def resolve(
         self, method: str, target: str, header_sets: list[str], local_port: int | None
@@ -110,7 +110,7 @@ class Router:
         if first in self._sets:
             chosen.append(("path", first))
             path = "/" + rest
-        elif slash and not under(path, self._allowed) and under("/" + rest, self._allowed):
+        elif slash and not self._covers(path) and self._covers("/" + rest):
             raise UnknownCredentials(f"no credential set named '{first}'")
         if len(header_sets) > 1:
             raise BadRequest("the request has more than one X-Bol-Credentials header")
@@ -120,7 +120,7 @@ class Router:
                 raise UnknownCredentials(
                     f"no credential set named '{name[:64]}' (X-Bol-Credentials)")
             chosen.append(("header", name))
-        if not under(path, self._allowed):
+        if not self._covers(path):
             raise NotFound("the path is not under any of upstream.allowed_paths")
         if not chosen:
             if self._default is None:

@@ -19,7 +19,8 @@ llhttp bindings uvicorn uses) as the response parser:
   Content-Length announces, so such a connection is not reused.
 
 Errors are :class:`UpstreamError` (cannot connect, connection lost, malformed answer)
-or ``TimeoutError``; the forwarder turns them into 502 and 504.
+or ``TimeoutError`` (the exchange's deadline passed, waiting for the head or the body);
+the forwarder turns them into 502 and 504.
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._holds_slot = False
         self._sender: asyncio.Task[None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         self.closed = False
         self.idle_since = 0.0
 
@@ -248,10 +250,15 @@ class _Connection(asyncio.Protocol):
 
     # -- the exchange
 
-    async def exchange(self, head: bytes, body: Body, head_only: bool,
-                       chunked: bool) -> Response:
-        """Send one request and return its answer once the head has arrived."""
+    async def exchange(self, head: bytes, body: Body, head_only: bool, chunked: bool,
+                       deadline: float) -> Response:
+        """Send one request and return its answer once the head has arrived.
+
+        At ``deadline`` (loop time) the exchange fails with ``TimeoutError``, whether it
+        waits for the head or for the body: one timer per exchange, cheaper than a
+        timeout context around every wait."""
         assert self.transport is not None
+        self._deadline = self._loop.call_at(deadline, self._expire)
         self._head = self._loop.create_future()
         self._head_only = head_only
         self._reusable = self._body_cut = self._received = False
@@ -295,7 +302,12 @@ class _Connection(asyncio.Protocol):
                 self._head.set_exception(exc)
             self.close()
 
-    def _lost(self, exc: UpstreamError) -> None:
+    def _expire(self) -> None:
+        self._deadline = None
+        self._lost(TimeoutError())
+        self.close()
+
+    def _lost(self, exc: BaseException) -> None:
         if self._head is not None and not self._head.done():
             self._head.set_exception(exc)
         if self._response is not None:
@@ -307,6 +319,9 @@ class _Connection(asyncio.Protocol):
         return not self._received
 
     def finished(self, response: Response) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if (response.at_eof() and self._reusable and not self._body_cut
                 and not self.closed and not self._pool.retired):
             self._pool.give_back(self)
@@ -325,6 +340,9 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self._reusable = False
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if self._sender is not None:
             self._sender.cancel()  # owned here: it ends with its connection
         if self.transport is not None and not self.closed:
@@ -366,7 +384,7 @@ class UpstreamPool:
         return len(self._all) - len(self._idle)
 
     async def request(self, head: bytes, body: Body, *, head_only: bool, chunked: bool,
-                      idempotent: bool) -> Response:
+                      idempotent: bool, deadline: float) -> Response:
         """Send a request (``head`` ends with the blank line) and return its answer.
 
         The connection is held until the answer is released or closed. Only an
@@ -376,7 +394,7 @@ class UpstreamPool:
         for attempt in (0, 1):
             conn, reused = await self._acquire()
             try:
-                return await conn.exchange(head, body, head_only, chunked)
+                return await conn.exchange(head, body, head_only, chunked, deadline)
             except ConnectionLost:
                 conn.close()
                 # The keep-alive race: bol closed the idle connection as we sent.

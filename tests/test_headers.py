@@ -40,7 +40,7 @@ def raw(*items: tuple[str, str]) -> tuple[tuple[bytes, bytes], ...]:
 
 
 def down(*items: tuple[str, str]) -> CIMultiDict[str]:
-    return client_response_headers(raw(*items))
+    return CIMultiDict(client_response_headers(raw(*items)))
 
 
 @pytest.mark.parametrize(("name", "value"), HOP_BY_HOP)
