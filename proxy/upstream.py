@@ -81,7 +81,7 @@ class Response:
         return self._done and not self._chunks
 
     async def readany(self) -> bytes:
-        """The next piece of the body, or ``b""`` at its end."""
+        """All of the body that has arrived and not been read, or ``b""`` at its end."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
@@ -92,7 +92,9 @@ class Response:
                 await self._waiter
             finally:
                 self._waiter = None
-        chunk = self._chunks.popleft()
+        # Everything that has arrived, in one piece: fewer, larger writes to the client.
+        chunk = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
         self._buffered -= len(chunk)
         if self._buffered < LOW_WATER:
             self._conn.resume_reading()
