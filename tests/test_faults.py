@@ -693,23 +693,27 @@ async def test_client_leaving_while_a_small_answer_arrives_frees_its_connection(
     bol: tuple[FakeBol, str], start_proxy: StartProxy, raw_upstream: StartRawUpstream,
 ) -> None:
     _, url = bol
-    stalled = asyncio.Event()
+    stalled, done = asyncio.Event(), asyncio.Event()
 
     async def half_answer(head: bytes, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
         await writer.drain()
         stalled.set()
-        await asyncio.Event().wait()  # the rest never comes; cancelled at teardown
+        await done.wait()  # the rest never comes
 
     upstream = await raw_upstream(half_answer)
     server = await start_proxy(base_config(url, upstream={"api_url": upstream}))
     _, writer = await asyncio.open_connection("127.0.0.1", server.port())
-    writer.write(request(b"/retailer/orders"))
-    await asyncio.wait_for(stalled.wait(), 5)
-    writer.close()  # the tool gives up
-    pool = server.forwarder.pool
-    await wait_until(lambda: pool.in_use == 0 and pool.open_connections == 0)
-    assert split_response(await raw_request(server.port(), request(b"/retailer/ok")))[0] == 200
+    try:
+        writer.write(request(b"/retailer/orders"))
+        await asyncio.wait_for(stalled.wait(), 5)
+        writer.close()  # the tool gives up
+        pool = server.forwarder.pool
+        await wait_until(lambda: pool.in_use == 0 and pool.open_connections == 0)
+        ok = await raw_request(server.port(), request(b"/retailer/ok"))
+        assert split_response(ok)[0] == 200
+    finally:
+        done.set()  # lets the imitation close its side before the test ends
 
 
 async def test_an_unexpected_error_costs_one_request_a_500_problem_and_one_log_line(
