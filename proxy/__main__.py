@@ -44,9 +44,10 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run against a built-in imitation of bol.com")
     demo.add_argument("--port", type=int, dest="demo_port",
                       help="port of the demo proxy (default: 8080)")
-    auth = sub.add_parser("authorize", help="authorise a refresh-token set (SPEC §6.3)")
+    auth = sub.add_parser("authorize", help="connect a seller's shop to a refresh-token set")
     auth.add_argument("set", help="name of a credential set with grant: refresh_token")
-    auth.add_argument("--config", dest="auth_config")
+    auth.add_argument("--config", dest="auth_config", metavar="CONFIG",
+                      help="YAML configuration file (default: $BOL_PROXY_CONFIG)")
     auth.add_argument("--code", help="the code from bol's redirect, to exchange")
     return p
 
