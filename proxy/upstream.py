@@ -160,6 +160,8 @@ class _Connection(asyncio.Protocol):
         self._reusable = False
         self._body_cut = False
         self._received = False
+        self._expecting = False  # a request was sent and its answer is not complete
+        self._stray = False
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self._holds_slot = False
@@ -176,13 +178,18 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received = True
-        if self._head is None and self._response is None:
+        if not self._expecting:
             self.close()  # bytes nobody asked for: this connection cannot be trusted
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
             self._lost(ConnectionLost("malformed answer from the upstream"))
+            self.close()
+            return
+        if self._stray:
+            # More came after the complete answer, in the same read: the stream is out
+            # of step with the requests. The answer stands; the connection does not.
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -194,7 +201,9 @@ class _Connection(asyncio.Protocol):
             self._response = None
         self._lost(ConnectionLost("the upstream closed the connection"))
         if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(ConnectionLost("the upstream closed the connection"))
+            # A result, not an exception: a bytes body's writer never awaits it. The
+            # streaming writer checks ``closed`` after each wait.
+            self._drain.set_result(None)
 
     def pause_writing(self) -> None:
         self._drain = self._loop.create_future()
@@ -207,6 +216,8 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks
 
     def on_message_begin(self) -> None:
+        if not self._expecting:
+            self._stray = True  # a second answer to one request
         self._raw = []
         self._reason = b""
 
@@ -218,7 +229,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if status < 200:
+        if status < 200 or self._stray:
             return  # informational (103 Early Hints): the real answer follows
         length: int | None = None
         chunked = False
@@ -229,6 +240,9 @@ class _Connection(asyncio.Protocol):
             elif lowered == b"transfer-encoding":
                 chunked = True
         response = Response(self, status, self._reason.decode("latin-1"), self._raw, length)
+        # Trailer fields arrive through on_header too: they must not join the head
+        # (RFC 9110 §6.5), so they go to a list nobody reads.
+        self._raw = []
         self._until_close = (not chunked and length is None and status not in (204, 304)
                              and not self._head_only)
         self._response = response
@@ -239,12 +253,13 @@ class _Connection(asyncio.Protocol):
         self._head = None
 
     def on_body(self, body: bytes) -> None:
-        if self._response is not None and not self._head_only:
+        if self._response is not None and not self._head_only and not self._stray:
             self._response._feed(body)
 
     def on_message_complete(self) -> None:
-        if self._parser.get_status_code() < 200:
+        if self._parser.get_status_code() < 200 or self._stray:
             return
+        self._expecting = False
         response, self._response = self._response, None
         self._reusable = self._parser.should_keep_alive() and not self._head_only
         if response is not None:
@@ -264,6 +279,7 @@ class _Connection(asyncio.Protocol):
         self._head = self._loop.create_future()
         self._head_only = head_only
         self._reusable = self._body_cut = self._received = False
+        self._expecting = True
         self.transport.write(head)
         if isinstance(body, bytes):
             self.transport.write(body)
@@ -294,6 +310,8 @@ class _Connection(asyncio.Protocol):
                         self.transport.write(chunk)
                     if self._drain is not None:
                         await self._drain
+                        if self.closed:
+                            raise ConnectionLost("the upstream closed the connection")
             if chunked:
                 self.transport.write(b"0\r\n\r\n")
         except asyncio.CancelledError:

@@ -765,3 +765,70 @@ async def test_access_line_of_an_abandoned_download_says_499_and_the_bytes_sent(
     assert (fields["status"], fields["upstream_status"]) == (499, 200)
     assert 100_000 <= fields["bytes"] < total
     assert fields["error"] == "client-gone"
+
+
+Script = Callable[[Callable[[int], bytes]], str]  # sets the answers, returns the URL
+
+
+@pytest.fixture
+async def keepalive_upstream() -> AsyncIterator[tuple[Script, list[int]]]:
+    """A keep-alive upstream whose n-th answer (counted over all connections) a test
+    scripts; it records one entry per connection opened."""
+    script: dict[str, Callable[[int], bytes]] = {}
+    connections: list[int] = []
+    answered = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                answered[0] += 1
+                writer.write(script["answer"](answered[0]))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+
+    def set_script(answer: Callable[[int], bytes]) -> str:
+        script["answer"] = answer
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield set_script, connections
+    server.close()
+    await server.wait_closed()
+
+
+async def test_trailers_of_a_chunked_answer_never_join_its_head(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy,
+    keepalive_upstream: tuple[Script, list[int]],
+) -> None:
+    _, url = bol
+    set_script, _ = keepalive_upstream
+    upstream = set_script(lambda n: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\nSet-Cookie: t=1\r\n\r\n")
+    server = await start_proxy(base_config(url, upstream={"api_url": upstream}))
+    status, headers, _ = split_response(await raw_request(server.port(),
+                                                          request(b"/retailer/orders")))
+    assert status == 200
+    assert "X-Checksum" not in headers and "Set-Cookie" not in headers
+
+
+async def test_bytes_after_a_complete_answer_retire_the_connection_not_the_next_request(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy,
+    keepalive_upstream: tuple[Script, list[int]],
+) -> None:
+    _, url = bol
+    set_script, connections = keepalive_upstream
+    upstream = set_script(lambda n: (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirstHTTP/1.1 200 OK\r\n" if n == 1
+        else b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond"))
+    server = await start_proxy(base_config(url, upstream={"api_url": upstream}))
+    first = await raw_request(server.port(), request(b"/retailer/orders"))
+    assert split_response(first)[::2] == (200, b"first")
+    second = await raw_request(server.port(), request(b"/retailer/orders"))
+    assert split_response(second)[::2] == (200, b"second")  # on a fresh connection
+    assert len(connections) == 2
