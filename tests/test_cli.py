@@ -481,7 +481,8 @@ async def test_authorize_with_a_code_saves_the_refresh_token_with_mode_0600(
     path = write_config(tmp_path / "proxy.yaml", partner_config(url, tmp_path))
     code = fake.new_code(DEMO_CLIENT_ID)
 
-    done = await run("authorize", "partner", "--config", str(path), "--code", code)
+    # --code=CODE: a code may start with "-", which argparse would take for an option.
+    done = await run("authorize", "partner", "--config", str(path), f"--code={code}")
 
     assert done.status == 0, done.stderr
     saved = tmp_path / "state" / "partner.refresh"
