@@ -641,30 +641,42 @@ async def test_malformed_requests_leave_no_error_and_no_traceback_in_any_log(
 # --------------------------------------------------------- the upstream connection pool
 
 
-@pytest.fixture
-async def flaky_keepalive() -> AsyncIterator[tuple[str, list[bytes]]]:
-    """An upstream that answers the first request of a connection and keeps it open,
-    then reads the second request on it and hangs up without a word (the keep-alive
-    race, as when bol closes an idle connection just as the proxy reuses it)."""
-    seen: list[bytes] = []
+class KeepAliveUpstream:
+    """A keep-alive upstream whose n-th answer, counted over all its connections, a test
+    scripts with ``answer`` (None: hang up without a word). It records every request
+    (request line and body) and every connection opened."""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self) -> None:
+        self.answer: Callable[[int], bytes | None] = lambda n: b"HTTP/1.1 204 No Content\r\n\r\n"
+        self.seen: list[bytes] = []
+        self.connections = 0
+        self.url = ""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
-            for number in (1, 2):
+            while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                                if line.lower().startswith(b"content-length:")), 0)
-                seen.append(head.split(b"\r\n")[0] + b" " + await reader.readexactly(length))
-                if number == 1:
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    await writer.drain()
+                self.seen.append(head.split(b"\r\n")[0] + b" " + await reader.readexactly(length))
+                answer = self.answer(len(self.seen))
+                if answer is None:
+                    return
+                writer.write(answer)
+                await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
+
+@pytest.fixture
+async def keepalive() -> AsyncIterator[KeepAliveUpstream]:
+    upstream = KeepAliveUpstream()
+    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+    upstream.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    yield upstream
     server.close()
     await server.wait_closed()
 
@@ -675,17 +687,20 @@ async def flaky_keepalive() -> AsyncIterator[tuple[str, list[bytes]]]:
 ])
 async def test_keep_alive_race_resends_only_idempotent_requests(
     bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
-    flaky_keepalive: tuple[str, list[bytes]], method: str, status: int, times_seen: int,
+    keepalive: KeepAliveUpstream, method: str, status: int, times_seen: int,
 ) -> None:
     _, url = bol
-    upstream, seen = flaky_keepalive
-    server = await start_proxy(base_config(url, upstream={"api_url": upstream}))
+    # The second request is read, then the connection closes without an answer: as when
+    # bol closes an idle connection just as the proxy reuses it.
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    keepalive.answer = lambda n: None if n == 2 else ok
+    server = await start_proxy(base_config(url, upstream={"api_url": keepalive.url}))
     base = f"http://127.0.0.1:{server.port()}"
     async with http.get(f"{base}/retailer/warm") as resp:  # leaves a pooled connection
         assert resp.status == 200 and await resp.read() == b"ok"
     async with http.request(method, f"{base}/retailer/shipments", data=b"{}") as resp:
         assert resp.status == status
-    sent = [s for s in seen if s.startswith(method.encode() + b" /retailer/shipments")]
+    sent = [s for s in keepalive.seen if s.startswith(method.encode() + b" /retailer/shipments")]
     assert len(sent) == times_seen
 
 
@@ -767,50 +782,13 @@ async def test_access_line_of_an_abandoned_download_says_499_and_the_bytes_sent(
     assert fields["error"] == "client-gone"
 
 
-Script = Callable[[Callable[[int], bytes]], str]  # sets the answers, returns the URL
-
-
-@pytest.fixture
-async def keepalive_upstream() -> AsyncIterator[tuple[Script, list[int]]]:
-    """A keep-alive upstream whose n-th answer (counted over all connections) a test
-    scripts; it records one entry per connection opened."""
-    script: dict[str, Callable[[int], bytes]] = {}
-    connections: list[int] = []
-    answered = [0]
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(1)
-        try:
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                answered[0] += 1
-                writer.write(script["answer"](answered[0]))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-
-    def set_script(answer: Callable[[int], bytes]) -> str:
-        script["answer"] = answer
-        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-
-    yield set_script, connections
-    server.close()
-    await server.wait_closed()
-
-
 async def test_trailers_of_a_chunked_answer_never_join_its_head(
-    bol: tuple[FakeBol, str], start_proxy: StartProxy,
-    keepalive_upstream: tuple[Script, list[int]],
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, keepalive: KeepAliveUpstream,
 ) -> None:
     _, url = bol
-    set_script, _ = keepalive_upstream
-    upstream = set_script(lambda n: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                          b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\nSet-Cookie: t=1\r\n\r\n")
-    server = await start_proxy(base_config(url, upstream={"api_url": upstream}))
+    keepalive.answer = lambda n: (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                  b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\nSet-Cookie: t=1\r\n\r\n")
+    server = await start_proxy(base_config(url, upstream={"api_url": keepalive.url}))
     status, headers, _ = split_response(await raw_request(server.port(),
                                                           request(b"/retailer/orders")))
     assert status == 200
@@ -818,17 +796,15 @@ async def test_trailers_of_a_chunked_answer_never_join_its_head(
 
 
 async def test_bytes_after_a_complete_answer_retire_the_connection_not_the_next_request(
-    bol: tuple[FakeBol, str], start_proxy: StartProxy,
-    keepalive_upstream: tuple[Script, list[int]],
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, keepalive: KeepAliveUpstream,
 ) -> None:
     _, url = bol
-    set_script, connections = keepalive_upstream
-    upstream = set_script(lambda n: (
+    keepalive.answer = lambda n: (
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirstHTTP/1.1 200 OK\r\n" if n == 1
-        else b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond"))
-    server = await start_proxy(base_config(url, upstream={"api_url": upstream}))
+        else b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+    server = await start_proxy(base_config(url, upstream={"api_url": keepalive.url}))
     first = await raw_request(server.port(), request(b"/retailer/orders"))
     assert split_response(first)[::2] == (200, b"first")
     second = await raw_request(server.port(), request(b"/retailer/orders"))
     assert split_response(second)[::2] == (200, b"second")  # on a fresh connection
-    assert len(connections) == 2
+    assert keepalive.connections == 2
