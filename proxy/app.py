@@ -214,6 +214,7 @@ class ProxyServer:
         for site in self._sites.values():
             await site.stop()
         self._sites.clear()
+        log.info("listeners closed; %d requests in flight", self.metrics.in_flight)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.forwarder.drained.wait(), self.config.shutdown_timeout)
         if self.metrics.in_flight:
