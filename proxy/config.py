@@ -13,7 +13,8 @@ import os
 import re
 import ssl
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -113,6 +114,14 @@ class CredentialSet:
     port: int | None = None
     refresh_token_file: Path | None = None
     redirect_uri: str | None = None
+
+    @cached_property
+    def _hash(self) -> int:
+        return hash(tuple(getattr(self, f.name) for f in fields(self)))
+
+    def __hash__(self) -> int:
+        # The token cache's key, looked up on every request: hashed once, not per lookup.
+        return self._hash
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -196,25 +197,20 @@ class Forwarder:
         self.metrics.in_flight += 1
         self.drained.clear()
         try:
-            response = await self._forward(request, self.settings, exchange)
-        except ProxyError as exc:
-            response = problem_response(exc)
-            exchange.error = exc.code
-            exchange.bytes = response.content_length or 0
-            if isinstance(exc, RequestTimeout | BodyTooLarge | BadRequest):
-                # The rest of the body, if any, is not wanted: don't wait to drain it.
-                response.force_close()
+            response = await self._answer(request, exchange)
+            try:
+                # Sent here, not by aiohttp once this returns: the client has its answer
+                # before the metrics and the access line are written, not after.
+                await response.prepare(request)
+                await response.write_eof()
+            except ConnectionError:
+                exchange.error = "client-gone"
+            return response
         except asyncio.CancelledError:
             # handler_cancellation: the client closed its connection (or shutdown).
             log.debug("client went away: %s %s", request.method, exchange.path)
             exchange.error = "client-gone"
             raise
-        except Exception:
-            # A bug must cost one request, not the process or a bare aiohttp 500.
-            log.exception("unexpected error forwarding %s %s", request.method, exchange.path)
-            response = problem_response(ProxyError("the proxy failed unexpectedly; its log "
-                                                   "has the details"))
-            exchange.error = ProxyError.code
         finally:
             self.metrics.in_flight -= 1
             if not self.metrics.in_flight:
@@ -227,7 +223,27 @@ class Forwarder:
             else:
                 exchange.status = response.status
             self._record(exchange, started)
-        return response
+
+    async def _answer(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
+        """bol's answer, or the problem response that stands in for it."""
+        try:
+            return await self._forward(request, self.settings, exchange)
+        except ProxyError as exc:
+            response = problem_response(exc)
+            exchange.error = exc.code
+            exchange.bytes = response.content_length or 0
+            if isinstance(exc, RequestTimeout | BodyTooLarge | BadRequest):
+                # The rest of the body, if any, is not wanted: don't wait to drain it.
+                response.force_close()
+            return response
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug must cost one request, not the process or a bare aiohttp 500.
+            log.exception("unexpected error forwarding %s %s", request.method, exchange.path)
+            exchange.error = ProxyError.code
+            return problem_response(ProxyError("the proxy failed unexpectedly; its log has "
+                                               "the details"))
 
     async def _forward(self, request: web.BaseRequest, settings: Settings,
                        exchange: Exchange) -> web.StreamResponse:
@@ -277,7 +293,7 @@ class Forwarder:
         headers = upstream_request_headers(request.headers, token.value.reveal(),
                                            keep_length=body.declared_length)
         pool = self.pool
-        head = request_head(request.method, target, pool.host_header, headers.items(),
+        head = request_head(request.method, target, pool.host_header, headers,
                             body.framing(request.method))
         started = time.perf_counter()
         try:
@@ -380,10 +396,7 @@ class Forwarder:
                 f"{duration * 1000:.1f}ms upstream={exchange.upstream_status or '-'} "
                 f"bytes={exchange.bytes} replayed={'yes' if exchange.replayed else 'no'}"
                 + (f" error={exchange.error}" if exchange.error else ""),
-                {"set": exchange.set_name, "method": exchange.method, "path": exchange.path,
-                 "status": exchange.status, "duration_ms": round(duration * 1000, 2),
-                 "upstream_status": exchange.upstream_status, "bytes": exchange.bytes,
-                 "replayed": exchange.replayed, "error": exchange.error},
+                exchange.fields(duration) if access_log.structured else None,
             )
 
 
@@ -405,3 +418,10 @@ class Exchange:
         self.error: str | None = None
         self.deadline = 0.0
         self.bytes = 0  # body bytes passed to the client
+
+    def fields(self, duration: float) -> dict[str, Any]:
+        """The access line's fields, for JSON logs."""
+        return {"set": self.set_name, "method": self.method, "path": self.path,
+                "status": self.status, "duration_ms": round(duration * 1000, 2),
+                "upstream_status": self.upstream_status, "bytes": self.bytes,
+                "replayed": self.replayed, "error": self.error}

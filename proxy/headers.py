@@ -9,9 +9,10 @@ repeated fields included, byte for byte.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from itertools import chain
 
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDictProxy, istr
 
 from .errors import BadRequest, UpstreamUnreachable
 
@@ -51,6 +52,7 @@ _NOT_FORWARDED_UP_LOWER = frozenset(name.lower() for name in _NOT_FORWARDED_UP)
 # surrogates, which its C header writer silently drops ("caf\xe9" would leave as "caf"), and
 # control characters (RFC 9110 §5.5), which it refuses with a ValueError mid-response.
 _UNWRITABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+_CONTROL_BYTES = re.compile(b"[\x00-\x08\x0b-\x1f\x7f]")  # LF: see client_response_headers
 
 
 def connection_listed(values: Iterable[str]) -> set[str]:
@@ -61,7 +63,7 @@ def connection_listed(values: Iterable[str]) -> set[str]:
 
 def upstream_request_headers(
     incoming: CIMultiDictProxy[str], bearer: str, *, keep_length: bool
-) -> CIMultiDict[str]:
+) -> list[tuple[str, str]]:
     """What goes to bol: the client's end-to-end headers plus ``Authorization: Bearer``.
 
     ``keep_length`` keeps the client's Content-Length when the body is streamed through
@@ -72,33 +74,41 @@ def upstream_request_headers(
         drop = drop | connection_listed(incoming.getall("Connection"))
     if not keep_length:
         drop = drop | {"content-length"}
-    out: CIMultiDict[str] = CIMultiDict(
-        [(name, value) for name, value in incoming.items() if name.lower() not in drop])
+    out = [(name, value) for name, value in incoming.items() if name.lower() not in drop]
     # One scan of everything that goes out (a tab, allowed in values, separates them).
-    if _UNWRITABLE.search("\t".join(out.keys()) + "\t" + "\t".join(out.values())):
+    if _UNWRITABLE.search("\t".join(chain.from_iterable(out))):
         raise BadRequest("a request header holds bytes that are not UTF-8 and cannot be "
                          "forwarded unchanged")
-    out["Authorization"] = "Bearer " + bearer
+    out.append(("Authorization", "Bearer " + bearer))
     return out
 
 
-def client_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+def client_response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """What goes back to the tool: bol's headers, names spelled as bol spelled them
     (aiohttp's parsed view re-cases the names it knows), minus the hop-by-hop ones.
 
     A header that cannot be passed on unchanged makes the answer a protocol failure
     (:class:`UpstreamUnreachable`, 502) rather than a silently altered one.
     """
+    if not raw:
+        return []
+    # The whole head in one piece: one scan for control bytes, one strict UTF-8 decode.
+    # A parsed field cannot hold a line feed, so it separates them; one that did would
+    # show as a wrong number of parts.
+    flat = b"\n".join(chain.from_iterable(raw))
     try:
-        fields = [(n.decode(), v.decode()) for n, v in raw]  # strict UTF-8
+        parts = flat.decode().split("\n")
     except UnicodeDecodeError:
-        fields = [("", "\udc80")]  # not UTF-8: refused just below
-    if _UNWRITABLE.search("\t".join([f"{n}\t{v}" for n, v in fields])):
+        parts = []
+    if _CONTROL_BYTES.search(flat) or len(parts) != 2 * len(raw):
         raise UpstreamUnreachable("the upstream sent a header that cannot be passed on "
                                   "unchanged (control or non-UTF-8 bytes)")
+    fields = list(zip(parts[::2], parts[1::2], strict=True))
+    names = flat.lower().decode().split("\n")[::2]  # lowercased, for the rules below
     drop = _HOP_BY_HOP_LOWER
-    listed = [v for n, v in fields if n.lower() == "connection"]
-    if listed:
-        drop = drop | connection_listed(listed)
+    if "connection" in names:
+        drop = drop | connection_listed(value for (_, value), name
+                                        in zip(fields, names, strict=True)
+                                        if name == "connection")
     # A plain list: aiohttp copies the headers of a response into a multidict anyway.
-    return [(name, value) for name, value in fields if name.lower() not in drop]
+    return [field for field, name in zip(fields, names, strict=True) if name not in drop]

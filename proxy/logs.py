@@ -164,16 +164,22 @@ class AccessLog:
     def enabled() -> bool:
         return _access.isEnabledFor(logging.INFO)
 
-    def write(self, message: str, fields: dict[str, Any]) -> None:
+    @property
+    def structured(self) -> bool:
+        """Whether :meth:`write` uses its ``fields`` (JSON lines, or not configured yet);
+        text lines need only the message, so the caller can skip building them."""
+        return self._json or self._handler is None
+
+    def write(self, message: str, fields: dict[str, Any] | None = None) -> None:
         """Log one request: ``message`` for text lines, ``fields`` for JSON ones."""
         if self._handler is None:
-            _access.info("%s", message, extra={"access": fields})
+            _access.info("%s", message, extra={"access": fields or {}})
             return
         now = time.time()
         stamp = f"{self._seconds(now)}.{int(now * 1000) % 1000:03d}Z"
         if self._json:
             line = json.dumps({"time": stamp, "level": "info", "logger": "proxy.access",
-                               "message": message, **fields}, default=str)
+                               "message": message, **(fields or {})}, default=str)
         else:
             line = f"{stamp} INFO    proxy.access: {message}"
         self._handler.add(line)

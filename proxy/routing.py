@@ -18,6 +18,7 @@ A proxy that holds credentials must forward exactly what it is meant to. The rul
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from .errors import BadRequest, MethodNotAllowed, NotFound, UnknownCredentials
 
 REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 _HEX = frozenset("0123456789abcdefABCDEF")
+_NOT_VISIBLE = re.compile("[^!-~]")  # anything but visible ASCII
 # Escapes that decode to a separator, a NUL/control byte or a dot (checked separately).
 _BAD_ESCAPES = frozenset({"2f", "5c", "3b"} | {f"{i:02x}" for i in range(0x20)} | {"7f"})
 
@@ -41,9 +43,8 @@ def check_target(target: str) -> tuple[str, str]:
     """Validate a raw request target; return (path, rest) where rest is ``?query`` or ''."""
     if not target.startswith("/") or target.startswith("//"):
         raise BadRequest("only origin-form request targets (/path?query) are accepted")
-    for ch in target:
-        if not "!" <= ch <= "~":
-            raise BadRequest("the request target holds a space, control or non-ASCII byte")
+    if _NOT_VISIBLE.search(target):
+        raise BadRequest("the request target holds a space, control or non-ASCII byte")
     if "#" in target:
         raise BadRequest("the request target holds a fragment")
     path, sep, query = target.partition("?")
@@ -54,12 +55,12 @@ def check_target(target: str) -> tuple[str, str]:
         raise BadRequest("the path holds a ';'")
     _check_escapes(path, "path")
     _check_escapes(query, "query")
-    segments = path[1:].split("/")
-    for i, segment in enumerate(segments):
-        if segment == "" and i != len(segments) - 1:
-            raise BadRequest("the path holds an empty segment (//)")
-        if segment.replace("%2e", ".").replace("%2E", ".") in (".", ".."):
-            raise BadRequest("the path holds a dot segment")
+    if "//" in path:
+        raise BadRequest("the path holds an empty segment (//)")
+    if "." in path or "%2" in path:  # else no segment can be a dot segment
+        for segment in path.split("/"):
+            if segment.replace("%2e", ".").replace("%2E", ".") in (".", ".."):
+                raise BadRequest("the path holds a dot segment")
     return path, sep + query
 
 
