@@ -137,13 +137,16 @@ class TokenSource:
 
     def current(self) -> Token | None:
         """The usable token, if any (no I/O)."""
-        return self._cache.get(self.cred)
+        try:
+            return self._cache[self.cred]  # one lookup: get() would look twice
+        except KeyError:
+            return None
 
     async def get(self) -> Token:
         """A usable token, fetching one if there is none; else :class:`TokenUnavailable`."""
         now = self._clock.monotonic()
         self.last_used = now
-        token = self._cache.get(self.cred)
+        token = self.current()
         if token is not None:
             if self._renewer is None:
                 self._start_renewer()
@@ -154,7 +157,7 @@ class TokenSource:
 
     def invalidate(self, token: Token) -> bool:
         """Drop ``token`` after bol answered 401 to it, if it is still the current one."""
-        if self._cache.get(self.cred) is not token:
+        if self.current() is not token:
             return False  # a late 401 for an older token: the current one stays
         now = self._clock.monotonic()
         if token.after_401 and now - token.obtained_at < REPLACED_401_HOLD:
@@ -280,7 +283,7 @@ class TokenSource:
                 if not self.cred.prefetch and idle:
                     log.debug("set %s: idle, no longer renewed", self.cred.name)
                     return  # idle on-demand sets cost no token requests
-                token = self._cache.get(self.cred)
+                token = self.current()
                 due = max(token.renew_at if token else now, self._next_attempt)
                 if now >= due and self._inflight is None:
                     with contextlib.suppress(TokenUnavailable):
