@@ -12,7 +12,9 @@ throughput  ``wrk -t1 -c32`` on GET /retailer/orders, directly at the upstream (
             p50/p90/p99, ratio proxied/direct
             (needs wrk: ``apt-get update && apt-get install -y wrk``; skipped without it)
 latency     200 requests/s open loop over 10 connections, timed from each request's
-            scheduled start; direct and proxied percentiles and the added latency
+            scheduled start, alternating short rounds: direct, through the minimal
+            aiohttp hop (``hop.py``: the framework's floor), through the proxy;
+            percentiles, the added latency of each, and the added p50 of every round
 streaming   1 GiB down and 1 GiB up, direct vs proxied, alternating rounds; MB/s, ratio,
             growth of the proxy's resident memory
 scale       10,000 on-demand sets: start to /_proxy/health, idle RSS, idle token
@@ -67,6 +69,7 @@ from .procs import (
     proxy_command,
     proxy_config,
     reset_peak,
+    start_hop,
     start_proxy,
     start_upstream,
 )
@@ -89,8 +92,8 @@ class Plan:
     wrk_seconds: float = 10.0
     wrk_warmup: float = 2.0
     wrk_connections: int = 32
-    latency_rounds: int = 2  # alternating open-loop segments per target
-    latency_seconds: float = 15.0
+    latency_rounds: int = 6  # alternating open-loop segments per target
+    latency_seconds: float = 5.0
     rate: float = 200.0
     rate_connections: int = 10
     stream_bytes: int = 1 << 30
@@ -104,8 +107,8 @@ class Plan:
     economy_connections: int = 64
 
 
-QUICK = Plan(name="quick", rounds=1, wrk_seconds=3.0, wrk_warmup=1.0, latency_rounds=1,
-             latency_seconds=5.0, stream_bytes=128 << 20, idle_seconds=3.0,
+QUICK = Plan(name="quick", rounds=1, wrk_seconds=3.0, wrk_warmup=1.0, latency_rounds=2,
+             latency_seconds=3.0, stream_bytes=128 << 20, idle_seconds=3.0,
              economy_seconds=20.0)
 
 
@@ -298,32 +301,49 @@ class Latency:
     rounds: int
     seconds: float
     direct: LatencyStats
+    hop: LatencyStats  # the minimal aiohttp hop (hop.py): the framework's floor
     proxied: LatencyStats
+    proxied_p50_by_round: list[float] = field(default_factory=list)  # added, per round
 
-    def added(self, name: str) -> float:
-        value: float = getattr(self.proxied, name) - getattr(self.direct, name)
+    def added(self, name: str, over: str = "direct") -> float:
+        value: float = getattr(self.proxied, name) - getattr(getattr(self, over), name)
+        return value
+
+    def hop_added(self, name: str) -> float:
+        value: float = getattr(self.hop, name) - getattr(self.direct, name)
         return value
 
 
 def run_latency(run: Run) -> Latency:
     plan = run.plan
     up, px = run.upstream(), run.proxy()
-    direct, proxied = load.RateResult(), load.RateResult()
+    hop = start_hop(run.procs, up)
+    direct, floor, proxied = load.RateResult(), load.RateResult(), load.RateResult()
+    by_round: list[float] = []
 
     def segment(port: int) -> load.RateResult:
         return arun(load.constant_rate(port, ORDERS, rate=plan.rate,
                                        connections=plan.rate_connections,
                                        seconds=plan.latency_seconds))
 
-    for i in range(plan.latency_rounds):
-        note(f"latency round {i + 1}/{plan.latency_rounds}: {plan.rate:g} req/s for "
-             f"{plan.latency_seconds:g} s direct, then proxied")
-        direct.extend(segment(up.port))
-        with Meter(px.pid) as use:
-            proxied.extend(segment(px.port))
-        run.record("proxy", f"latency ({plan.rate:g} req/s, proxied)", use.usage)
+    try:
+        for i in range(plan.latency_rounds):
+            note(f"latency round {i + 1}/{plan.latency_rounds}: {plan.rate:g} req/s for "
+                 f"{plan.latency_seconds:g} s direct, through the minimal aiohttp hop, "
+                 f"then through bol-proxy")
+            d = segment(up.port)
+            floor.extend(segment(hop.port))
+            with Meter(px.pid) as use:
+                p = segment(px.port)
+            run.record("proxy", f"latency ({plan.rate:g} req/s, proxied)", use.usage)
+            by_round.append(percentile(p.latencies, 50) - percentile(d.latencies, 50))
+            direct.extend(d)
+            proxied.extend(p)
+    finally:
+        run.procs.stop(hop.proc)
     return Latency(plan.rate, plan.rate_connections, plan.latency_rounds,
-                   plan.latency_seconds, LatencyStats.of(direct), LatencyStats.of(proxied))
+                   plan.latency_seconds, LatencyStats.of(direct), LatencyStats.of(floor),
+                   LatencyStats.of(proxied), by_round)
 
 
 # ------------------------------------------------------------------------- streaming
@@ -726,14 +746,25 @@ def _latency(la: Latency) -> list[str]:
         return [name, s.requests, ms(s.p50), ms(s.p90), ms(s.p99), ms(s.max), s.errors,
                 ms(s.lag_p99)]
 
-    added = ["added (proxied - direct)", "", *(ms(la.added(q), signed=True)
-                                                for q in ("p50", "p90", "p99", "max")), "", ""]
+    def added(name: str, of: Callable[[str], float]) -> list[Any]:
+        return [name, "", *(ms(of(q), signed=True) for q in ("p50", "p90", "p99", "max")),
+                "", ""]
+
     return [
         f"Added latency: {la.rate:g} req/s open loop over {la.connections} connections, "
         f"{la.rounds} x {la.seconds:g} s per target, alternating; timed from each "
         f"request's scheduled start",
         table(["target", "requests", "p50", "p90", "p99", "max", "errors", "late start p99"],
-              [row("direct", la.direct), row("proxied", la.proxied), added]),
+              [row("direct (bare aiohttp server)", la.direct),
+               row("minimal aiohttp hop", la.hop),
+               row("bol-proxy", la.proxied),
+               added("added by bol-proxy", la.added),
+               added("added by the minimal hop", la.hop_added),
+               added("bol-proxy over the minimal hop", lambda q: la.added(q, over="hop"))]),
+        "  added p50 by round (bol-proxy - direct): "
+        + " ".join(ms(v, signed=True) for v in la.proxied_p50_by_round),
+        "  minimal aiohttp hop (tests/benchmarks/hop.py): aiohttp's low-level server and "
+        "bol-proxy's upstream client, no rules, tokens, logs or metrics",
     ]
 
 

@@ -304,16 +304,28 @@ def start_upstream(procs: Processes, workdir: Path, *, expires_in: int = 3600,
     argv = [sys.executable, "-m", "tests.benchmarks.upstream", "--expires-in", str(expires_in)]
     if verify_tokens:
         argv.append("--verify-tokens")
-    with log.open("ab") as err:
+    upstream = UpstreamProcess(*_spawn_announcing(procs, argv, log, timeout))
+    wait_for(upstream.port, "/_count", upstream.proc, time.perf_counter() + timeout, log)
+    return upstream
+
+
+def start_hop(procs: Processes, bol: UpstreamProcess, timeout: float = 20.0) -> UpstreamProcess:
+    """Start the minimal aiohttp hop (``hop.py``) in front of ``bol``."""
+    argv = [sys.executable, "-m", "tests.benchmarks.hop", bol.url]
+    return UpstreamProcess(*_spawn_announcing(procs, argv, None, timeout))
+
+
+def _spawn_announcing(procs: Processes, argv: list[str], log: Path | None,
+                      timeout: float) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a server that prints its port on its first stdout line; (process, port)."""
+    with log.open("ab") if log else contextlib.nullcontext(subprocess.DEVNULL) as err:
         proc = procs.spawn(argv, stdout=subprocess.PIPE, stderr=err)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     line = proc.stdout.readline() if ready else b""
     if not line.strip().isdigit():
-        raise BenchError(f"the upstream did not start{_tail(log)}")
-    upstream = UpstreamProcess(proc, int(line))
-    wait_for(upstream.port, "/_count", proc, time.perf_counter() + timeout, log)
-    return upstream
+        raise BenchError(f"{argv[2]} did not start{_tail(log)}")
+    return proc, int(line)
 
 
 # ---------------------------------------------------------------------------- bol-proxy

@@ -1,0 +1,66 @@
+"""The minimal aiohttp hop: the floor under bol-proxy's own latency, run as its own process.
+
+``python -m tests.benchmarks.hop UPSTREAM_URL`` listens on 127.0.0.1 on a free port and
+prints that port on its first stdout line. It is built from the same parts as bol-proxy,
+aiohttp's low-level server (on uvloop when installed) and :mod:`proxy.upstream`'s client,
+but does nothing else: no routing rules, tokens, header rules, logs or metrics, and
+only bodiless requests with small answers, which is all the latency phase sends.
+Measured beside the proxy, it splits the added latency into what any aiohttp hop costs
+on this machine and what bol-proxy adds to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from aiohttp import web
+
+from proxy.__main__ import loop_factory
+from proxy.upstream import UpstreamPool, request_head
+
+
+async def serve(upstream: str) -> None:
+    loop = asyncio.get_running_loop()
+    pool = UpstreamPool(upstream, None, connect_timeout=10.0)
+
+    async def relay(request: web.BaseRequest) -> web.Response:
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() != "host"]
+        head = request_head(request.method, request.raw_path, pool.host_header, headers, "")
+        answer = await pool.request(head, None, head_only=False, chunked=False,
+                                    idempotent=True, deadline=loop.time() + 30.0)
+        body = await answer.read()
+        answer.release()
+        return web.Response(status=answer.status, reason=answer.reason, body=body,
+                            headers=[(k.decode(), v.decode()) for k, v in answer.raw_headers
+                                     if k.lower() != b"content-length"])
+
+    runner = web.ServerRunner(web.Server(relay, access_log=None, keepalive_timeout=75.0))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+    await site.start()
+    server = site._server
+    assert server is not None and hasattr(server, "sockets")
+    print(server.sockets[0].getsockname()[1], flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await pool.close()
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(serve(sys.argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
