@@ -896,7 +896,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="one short round of everything, 128 MiB transfers (under 2 minutes)")
     p.add_argument("--rounds", type=int, metavar="N",
                    help="alternating rounds of throughput, latency and streaming "
-                        "(default 3, 2 and 3; --quick 1)")
+                        "(default 3, 6 and 3; --quick 1, 2 and 1)")
     p.add_argument("--only", nargs="+", choices=PHASES, metavar="NAME", action="extend",
                    help=f"run only these phases: {', '.join(PHASES)}")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")

@@ -1,12 +1,12 @@
 """The minimal aiohttp hop: the floor under bol-proxy's own latency, run as its own process.
 
-``python -m tests.benchmarks.hop UPSTREAM_URL`` listens on 127.0.0.1 on a free port and
-prints that port on its first stdout line. It is built from the same parts as bol-proxy,
-aiohttp's low-level server (on uvloop when installed) and :mod:`proxy.upstream`'s client,
-but does nothing else: no routing rules, tokens, header rules, logs or metrics, and
-only bodiless requests with small answers, which is all the latency phase sends.
-Measured beside the proxy, it splits the added latency into what any aiohttp hop costs
-on this machine and what bol-proxy adds to it.
+``python -m tests.benchmarks.hop UPSTREAM_URL [PORT]`` listens on 127.0.0.1 on PORT (by
+default a free one) and prints that port on its first stdout line. It is built from the
+same parts as bol-proxy, aiohttp's low-level server (on uvloop when installed) and
+:mod:`proxy.upstream`'s client, but does nothing else: no routing rules, tokens, header
+rules, logs or metrics, and only bodiless requests with small answers, which is all the
+latency phase sends. Measured beside the proxy, it splits the added latency into what
+any aiohttp hop costs on this machine and what bol-proxy adds to it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from proxy.__main__ import loop_factory
 from proxy.upstream import UpstreamPool, request_head
 
 
-async def serve(upstream: str) -> None:
+async def serve(upstream: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     pool = UpstreamPool(upstream, None, connect_timeout=10.0)
 
@@ -38,7 +38,7 @@ async def serve(upstream: str) -> None:
 
     runner = web.ServerRunner(web.Server(relay, access_log=None, keepalive_timeout=75.0))
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
     await site.start()
     server = site._server
     assert server is not None and hasattr(server, "sockets")
@@ -54,11 +54,11 @@ async def serve(upstream: str) -> None:
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
+    if not 2 <= len(sys.argv) <= 3:
         print(__doc__, file=sys.stderr)
         return 2
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(serve(sys.argv[1]))
+        runner.run(serve(sys.argv[1], int(sys.argv[2]) if len(sys.argv) == 3 else 0))
     return 0
 
 
