@@ -60,4 +60,6 @@ async def _exchange(config: Config, cred: CredentialSet, code: str) -> None:
         grant = await client.request(cred, code_form(code, cred.redirect_uri))
     if grant.refresh_token is None:
         raise TokenEndpointError("malformed", "the answer holds no refresh_token")
-    RefreshTokenFile(cred.refresh_token_file).save(grant.refresh_token, new_authorisation=True)
+    store = RefreshTokenFile(cred.refresh_token_file)
+    async with store.locked():  # not in the middle of a running proxy's rotation
+        store.save(grant.refresh_token, new_authorisation=True)

@@ -12,20 +12,28 @@ file never holds a partial token. The one window no client can close is between 
 issuing a rotated token and the rename; the proxy keeps it to a single fsync by writing
 the token before it does anything else with the answer, and the access token is handed
 to requests only after the write.
+
+The file, not a copy in memory, is the token's home: every refresh reads it, and reads,
+spends and replaces it while holding an exclusive ``flock`` on ``<file>.lock``. Two
+processes given the same file (two proxies on a shared volume, or ``bol-proxy
+authorize`` beside a running proxy) so take turns, and the second one spends the token
+the first one saved instead of the one it replaced.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from .config import CredentialSet, Secret
@@ -35,6 +43,10 @@ log = logging.getLogger("proxy.tokens")
 
 AUTHORISATION_LIFETIME = 365 * 86400  # bol: a seller's permission lasts one year
 _SINCE_SUFFIX = ".since"  # first-use date for refresh tokens that are not JWTs
+_LOCK_SUFFIX = ".lock"
+LOCK_WAIT = 60.0  # longest wait for another process's refresh: 3 token answer timeouts
+LOCK_POLL = 0.05  # flock has no asyncio form: try again this often while it is taken
+TOKEN_FILE_BUSY = "refresh_token_file_busy"
 
 
 class RefreshTokenMissing(Exception):
@@ -47,36 +59,64 @@ class RefreshTokenFile:
     def __init__(self, path: Path, wall: Callable[[], float] = time.time) -> None:
         self.path = path
         self._wall = wall
-        self._current: Secret | None = None
+        self._unsaved: Secret | None = None  # rotated, but writing the file failed
 
     def read(self) -> Secret:
-        """The newest refresh token: the one in memory, else the file's."""
-        if self._current is None:
-            try:
-                value = self.path.read_text(encoding="utf-8").strip()
-            except FileNotFoundError:
-                raise RefreshTokenMissing(f"{self.path} does not exist") from None
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = type(exc).__name__
-                raise RefreshTokenMissing(f"cannot read {self.path}: {reason}") from None
-            if not value:
-                raise RefreshTokenMissing(f"{self.path} is empty")
-            self._current = Secret(value)
-        return self._current
+        """The newest refresh token: one that could not be saved, else the file's."""
+        if self._unsaved is not None:
+            return self._unsaved
+        try:
+            value = self.path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise RefreshTokenMissing(f"{self.path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RefreshTokenMissing(f"cannot read {self.path}: {type(exc).__name__}") \
+                from None
+        if not value:
+            raise RefreshTokenMissing(f"{self.path} is empty")
+        return Secret(value)
 
     def forget(self) -> None:
-        """Read the file again next time (after bol refused the token in memory)."""
-        self._current = None
+        """Drop an unsaved token that bol refused: the file's is read again."""
+        self._unsaved = None
 
     def save(self, token: Secret, *, new_authorisation: bool = False) -> None:
-        """Replace the file atomically; the in-memory copy is updated even if that fails,
-        so that the next refresh still uses the newest token. ``new_authorisation``
+        """Replace the file atomically. If that fails the token is kept in memory, so
+        that the next refresh still spends the newest one. ``new_authorisation``
         (``bol-proxy authorize``) starts the one-year count again."""
-        self._current = token
+        self._unsaved = token
         write_atomic(self.path, token.reveal() + "\n")
+        self._unsaved = None
         if new_authorisation:
             self._since_file().unlink(missing_ok=True)
         self._remember_first_use()
+
+    @contextlib.asynccontextmanager
+    async def locked(self, wait: float = LOCK_WAIT) -> AsyncIterator[None]:
+        """Hold ``<file>.lock`` while the token is read, spent and replaced.
+
+        A process that cannot create the lock file (a read-only folder, where no
+        rotated token could be saved either) goes on without it. Waiting longer than
+        ``wait`` raises :class:`~proxy.oauth.TokenEndpointError` (a failed attempt, retried
+        with the usual backoff)."""
+        lock_path = self.path.with_name(self.path.name + _LOCK_SUFFIX)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.debug("no lock on %s (%s): refreshing without it", lock_path,
+                      exc.strerror or type(exc).__name__)
+            yield
+            return
+        try:
+            deadline = time.monotonic() + wait
+            while not _try_lock(fd):
+                if time.monotonic() >= deadline:
+                    raise TokenEndpointError(TOKEN_FILE_BUSY, f"another process has held "
+                                             f"{lock_path} for {wait:g} s")
+                await asyncio.sleep(LOCK_POLL)
+            yield
+        finally:
+            os.close(fd)  # which releases the lock
 
     def authorisation_expiry(self) -> float | None:
         """Unix time at which the seller's authorisation ends, if known."""
@@ -102,6 +142,14 @@ class RefreshTokenFile:
             with contextlib.suppress(OSError):
                 write_atomic(since, f"{now:.0f}\n")
             return now
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -154,6 +202,12 @@ class RefreshGrant:
         self._last_warning = -math.inf
 
     async def __call__(self) -> Grant:
+        async with self.store.locked():
+            grant = await self._refresh()
+        self._warn_if_expiring()
+        return grant
+
+    async def _refresh(self) -> Grant:
         try:
             current = self.store.read()
         except RefreshTokenMissing as exc:
@@ -165,7 +219,7 @@ class RefreshGrant:
             grant = await self._client.request(self._cred, refresh_form(current))
         except TokenEndpointError as exc:
             if exc.code == "invalid_grant":
-                self.store.forget()  # re-read the file: the seller may have re-authorised
+                self.store.forget()  # back to the file: the seller may have re-authorised
             raise
         if grant.refresh_token is not None and grant.refresh_token != current:
             # bol rotated it: only the new one works from now on. Persist before use.
@@ -177,7 +231,6 @@ class RefreshGrant:
                           self._cred.name, self.store.path, exc.strerror or type(exc).__name__)
             else:
                 log.info("set %s: refresh token rotated and saved", self._cred.name)
-        self._warn_if_expiring()
         return grant
 
     def _warn_if_expiring(self) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import errno
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ from proxy.config import CredentialSet, Secret
 from proxy.oauth import Grant, TokenClient, TokenEndpointError
 from proxy.refresh import (
     AUTHORISATION_LIFETIME,
+    TOKEN_FILE_BUSY,
     RefreshGrant,
     RefreshTokenFile,
     RefreshTokenMissing,
@@ -84,11 +87,8 @@ def identity(path: Path) -> tuple[int, int, str]:
     return st.st_ino, st.st_mtime_ns, path.read_text()
 
 
-def make_unwritable(path: Path) -> None:
-    """Put a regular file where ``path``'s folder was: every write there now fails."""
-    path.unlink()
-    path.parent.rmdir()
-    path.parent.write_text("a file where the folder was\n")
+def disk_full(path: Path, text: str) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
 
 
 @pytest.fixture
@@ -182,13 +182,27 @@ def test_no_usable_file_is_refresh_token_missing(tmp_path: Path, kind: str) -> N
         RefreshTokenFile(path).read()
 
 
-def test_read_keeps_the_token_in_memory_until_forget(token_path: Path) -> None:
+def test_read_follows_the_file(token_path: Path) -> None:
     store = RefreshTokenFile(token_path)
     assert store.read().reveal() == FIRST
-    token_path.write_text("changed-on-disk\n")
-    assert store.read().reveal() == FIRST
+    token_path.write_text("rotated-by-another-process\n")
+    assert store.read().reveal() == "rotated-by-another-process"
+
+
+def test_a_token_that_could_not_be_saved_is_read_until_saved_or_forgotten(
+    token_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RefreshTokenFile(token_path)
+    monkeypatch.setattr("proxy.refresh.write_atomic", disk_full)
+    with pytest.raises(OSError):
+        store.save(Secret(ROTATED))
+    assert store.read().reveal() == ROTATED  # newer than the file's
     store.forget()
-    assert store.read().reveal() == "changed-on-disk"
+    assert store.read().reveal() == FIRST
+    monkeypatch.undo()
+    store.save(Secret(ROTATED))
+    token_path.write_text("rotated-by-another-process\n")
+    assert store.read().reveal() == "rotated-by-another-process"
 
 
 def test_save_writes_the_file_and_the_memory_copy(token_path: Path) -> None:
@@ -285,12 +299,9 @@ async def test_unrotated_answer_leaves_the_file_alone(
     assert before[2] == FIRST + "\n"
 
 
-@pytest.mark.parametrize(
-    ("code", "sent_next"),
-    [("invalid_grant", "re-authorised-token"), ("invalid_client", FIRST), ("http_500", FIRST)],
-)
-async def test_only_invalid_grant_makes_the_file_be_read_again(
-    token_path: Path, wall: WallClock, code: str, sent_next: str
+@pytest.mark.parametrize("code", ["invalid_grant", "invalid_client", "http_500"])
+async def test_each_refresh_spends_the_token_the_file_holds_then(
+    token_path: Path, wall: WallClock, code: str
 ) -> None:
     grant_source, fake = refresher(token_path, wall, TokenEndpointError(code, "refused"))
     with pytest.raises(TokenEndpointError) as info:
@@ -298,7 +309,7 @@ async def test_only_invalid_grant_makes_the_file_be_read_again(
     assert info.value.code == code
     write_atomic(token_path, "re-authorised-token\n")  # `bol-proxy authorize` ran meanwhile
     await grant_source()
-    assert fake.sent == [FIRST, sent_next]
+    assert fake.sent == [FIRST, "re-authorised-token"]
 
 
 async def test_missing_file_says_to_authorize_without_asking_bol(
@@ -315,11 +326,11 @@ async def test_missing_file_says_to_authorize_without_asking_bol(
 
 
 async def test_rotated_token_that_cannot_be_saved_is_logged_and_kept_in_memory(
-    token_path: Path, wall: WallClock, caplog: pytest.LogCaptureFixture
+    token_path: Path, wall: WallClock, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     grant_source, fake = refresher(token_path, wall, Grant(Secret(ACCESS), 599, Secret(ROTATED)))
-    grant_source.store.read()
-    make_unwritable(token_path)
+    monkeypatch.setattr("proxy.refresh.write_atomic", disk_full)
     caplog.set_level(logging.DEBUG, logger="proxy.tokens")
     grant = await grant_source()
     assert grant.access_token.reveal() == ACCESS
@@ -327,6 +338,86 @@ async def test_rotated_token_that_cannot_be_saved_is_logged_and_kept_in_memory(
     assert len(errors) == 1 and "could not write" in errors[0].getMessage()
     await grant_source()
     assert fake.sent == [FIRST, ROTATED]
+    assert content(token_path) == FIRST + "\n"
+
+
+# ------------------------------------------------- processes sharing one file
+
+
+class RotatingEndpoint:
+    """bol with rotation: each refresh token works once and is answered with the next.
+    ``gate``, when given, holds the first answer until the test opens it."""
+
+    def __init__(self, first: str, gate: asyncio.Event | None = None) -> None:
+        self.valid = first
+        self.issued = 0
+        self.sent: list[str] = []
+        self.gate = gate
+        self.asked = asyncio.Event()
+
+    async def request(self, cred: CredentialSet, form: dict[str, str]) -> Grant:
+        self.sent.append(form["refresh_token"])
+        self.asked.set()
+        if self.gate is not None and len(self.sent) == 1:
+            await self.gate.wait()
+        if form["refresh_token"] != self.valid:
+            raise TokenEndpointError("invalid_grant", "refresh token already used")
+        self.issued += 1
+        self.valid = f"refresh-token-{self.issued}"
+        return Grant(Secret(ACCESS), 599, Secret(self.valid))
+
+
+def sharing(path: Path, bol: RotatingEndpoint) -> RefreshGrant:
+    """One process's view of the shared file: its own store, its own lock handle."""
+    cred = CredentialSet(name="partner", client_id="pid", client_secret=Secret("psecret"),
+                         grant="refresh_token", refresh_token_file=path)
+    return RefreshGrant(cred, cast(TokenClient, bol), RefreshTokenFile(path))
+
+
+async def test_two_processes_sharing_a_token_file_take_turns_and_lose_nothing(
+    token_path: Path,
+) -> None:
+    gate = asyncio.Event()
+    bol = RotatingEndpoint(FIRST, gate)
+    first, second = sharing(token_path, bol), sharing(token_path, bol)
+    async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+        group.create_task(first())
+        await bol.asked.wait()  # the first refresh holds the lock, waiting for bol
+        group.create_task(second())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert bol.sent == [FIRST]  # the second waits for the lock instead of spending FIRST
+        gate.set()
+    assert bol.sent == [FIRST, "refresh-token-1"]  # it spent what the first one saved
+    assert content(token_path) == "refresh-token-2\n"
+
+
+async def test_a_lock_held_too_long_elsewhere_is_a_failed_attempt(token_path: Path) -> None:
+    store = RefreshTokenFile(token_path)
+    async with store.locked():  # another process, mid-refresh
+        with pytest.raises(TokenEndpointError) as info:
+            async with RefreshTokenFile(token_path).locked(wait=0.0):
+                pass
+    assert info.value.code == TOKEN_FILE_BUSY
+    assert not info.value.needs_operator  # retried with the usual backoff
+    async with RefreshTokenFile(token_path).locked(wait=0.0):
+        pass  # released with its holder
+
+
+async def test_without_a_usable_lock_file_the_refresh_goes_on(
+    token_path: Path, wall: WallClock
+) -> None:
+    token_path.with_name(token_path.name + ".lock").mkdir()  # cannot be opened as a file
+    grant_source, fake = refresher(token_path, wall, Grant(Secret(ACCESS), 599, Secret(ROTATED)))
+    await grant_source()
+    assert fake.sent == [FIRST]
+    assert content(token_path) == ROTATED + "\n"
+
+
+async def test_the_lock_file_is_private(token_path: Path) -> None:
+    async with RefreshTokenFile(token_path).locked():
+        pass
+    assert mode(token_path.with_name(token_path.name + ".lock")) == 0o600
 
 
 def expiry_warnings(caplog: pytest.LogCaptureFixture) -> int:
