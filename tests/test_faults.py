@@ -163,6 +163,56 @@ async def test_content_length_with_transfer_encoding_is_400_and_smuggles_nothing
     assert [seen.method for seen in fake.api_requests] == ["GET"]
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["buffered", "streamed"])
+async def test_chunk_framing_broken_mid_body_is_400_at_once(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture,
+    streamed: bool,
+) -> None:
+    # aiohttp's parser gives up on such a body, but left the handler reading it waiting
+    # for the rest until upstream.timeout (here 60 s, far beyond this test's patience).
+    bol_got_head = asyncio.Event()
+    received: list[bytes] = []
+
+    async def wait_for_the_body(reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        bol_got_head.set()
+        received.append(await reader.read())  # until the proxy closes the connection
+        writer.close()
+
+    fake, url = bol  # the token endpoint
+    async with await asyncio.start_server(wait_for_the_body, "127.0.0.1", 0) as upstream:
+        api_url = f"http://127.0.0.1:{upstream.sockets[0].getsockname()[1]}"
+        server = await start_proxy(base_config(url, upstream={"api_url": api_url, "timeout": 60},
+                                               limits={"replay_buffer": 1024 if streamed else MB}))
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port())
+        try:
+            writer.write(b"POST /retailer/upload HTTP/1.1\r\nHost: proxy\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n1000\r\n" + b"a" * 4096 + b"\r\n")
+            await writer.drain()
+            if streamed:
+                await asyncio.wait_for(bol_got_head.wait(), 5)  # the body is on its way to bol
+            else:
+                await wait_until(lambda: server.metrics.in_flight == 1)  # the body is buffering
+            writer.write(b"zz\r\nnot a chunk\r\n")
+            async with asyncio.timeout(5):
+                raw = await reader.read()
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        status, _, body = split_response(raw)
+        assert status == 400
+        assert json.loads(body)["type"] == "urn:bol-proxy:bad-request"
+        if streamed:
+            await wait_until(lambda: bool(received))
+            assert not received[0].endswith(b"0\r\n\r\n")  # bol never saw a complete body
+        else:
+            assert not bol_got_head.is_set()
+        no_errors_logged(caplog)
+        assert fake.api_requests == []
+
+
 @pytest.mark.parametrize(
     ("framing", "body", "allowed"),
     [(b"Content-Length: 5\r\nContent-Length: 6\r\n", b"hello!", range(400, 500)),
