@@ -87,12 +87,12 @@ class Body:
     """A request body: whole (replayable) or streamed through with a size cap."""
 
     def __init__(self, data: bytes | None, rest: aiohttp.StreamReader | None = None,
-                 prefix: bytes = b"", limit: int = 0, chunked: bool = False) -> None:
+                 prefix: bytes = b"", limit: int = 0, length: int | None = None) -> None:
         self.data = data
         self._rest = rest
         self._prefix = prefix
         self._limit = limit
-        self.chunked = chunked  # streamed without a declared length
+        self.length = length  # declared by the client, for a body streamed through
         self.too_large = False
 
     @property
@@ -100,17 +100,22 @@ class Body:
         return self._rest is None
 
     @property
-    def declared_length(self) -> bool:
-        """Streamed as the client declared it: its Content-Length goes along."""
-        return self._rest is not None and not self.chunked
+    def chunked(self) -> bool:
+        """Streamed without a declared length."""
+        return self._rest is not None and self.length is None
 
     def framing(self, method: str) -> str:
-        """The framing header line this body needs on the way to bol."""
+        """The framing header line this body needs on the way to bol.
+
+        Always the proxy's own: the client's Content-Length never goes along (a client
+        could name it in ``Connection`` and so leave the body unframed: smuggling)."""
         if self.data is not None:
             return f"Content-Length: {len(self.data)}\r\n"
-        if self.chunked:
+        if self.length is not None:
+            return f"Content-Length: {self.length}\r\n"
+        if self._rest is not None:
             return "Transfer-Encoding: chunked\r\n"
-        if self._rest is None and method in _BODY_METHODS:
+        if method in _BODY_METHODS:
             return "Content-Length: 0\r\n"  # bol answers 400 to a POST without one
         return ""
 
@@ -148,7 +153,7 @@ async def read_body(request: web.BaseRequest, max_size: int, replay_size: int) -
         if length > max_size:
             raise BodyTooLarge(too_large)  # refused before any upstream contact
         if length > replay_size:
-            return Body(None, request.content, limit=max_size)
+            return Body(None, request.content, limit=max_size, length=length)
         try:
             return Body(await request.content.readexactly(length))
         except asyncio.IncompleteReadError:
@@ -164,7 +169,7 @@ async def read_body(request: web.BaseRequest, max_size: int, replay_size: int) -
         size += len(chunk)
         if size > max_size:
             raise BodyTooLarge(too_large)
-    return Body(None, request.content, prefix=b"".join(parts), limit=max_size, chunked=True)
+    return Body(None, request.content, prefix=b"".join(parts), limit=max_size)
 
 
 def translate(exc: BaseException, body: Body | None = None) -> ProxyError:
@@ -290,8 +295,7 @@ class Forwarder:
 
     async def _send(self, request: web.BaseRequest, target: str, token: Token, body: Body,
                     exchange: Exchange) -> Response:
-        headers = upstream_request_headers(request.headers, token.value.reveal(),
-                                           keep_length=body.declared_length)
+        headers = upstream_request_headers(request.headers, token.value.reveal())
         pool = self.pool
         head = request_head(request.method, target, pool.host_header, headers,
                             body.framing(request.method))

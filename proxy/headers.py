@@ -36,9 +36,10 @@ HOP_BY_HOP: frozenset[istr] = frozenset(
 )
 
 # Dropped on the way up: Host is the upstream's; Authorization is replaced by the set's
-# bearer token; Expect was answered by this hop already (the server sends 100 Continue).
+# bearer token; Expect was answered by this hop already (the server sends 100 Continue);
+# Content-Length is the forwarder's to set, from the body it actually sends.
 _NOT_FORWARDED_UP = HOP_BY_HOP | {istr("Host"), istr("Authorization"), istr("Expect"),
-                                  CREDENTIALS_HEADER}
+                                  istr("Content-Length"), CREDENTIALS_HEADER}
 
 # Names are compared lowercased: multidict's istr hashes by its original spelling, so
 # "x-bol-credentials" is not found in a set holding istr("X-Bol-Credentials"), and aiohttp
@@ -61,19 +62,15 @@ def connection_listed(values: Iterable[str]) -> set[str]:
             if token.strip()}
 
 
-def upstream_request_headers(
-    incoming: CIMultiDictProxy[str], bearer: str, *, keep_length: bool
-) -> list[tuple[str, str]]:
+def upstream_request_headers(incoming: CIMultiDictProxy[str], bearer: str
+                             ) -> list[tuple[str, str]]:
     """What goes to bol: the client's end-to-end headers plus ``Authorization: Bearer``.
 
-    ``keep_length`` keeps the client's Content-Length when the body is streamed through
-    as declared; a buffered body gets its length from the client library instead.
+    Content-Length is not among them: the forwarder frames the body itself.
     """
     drop = _NOT_FORWARDED_UP_LOWER
     if "Connection" in incoming:
         drop = drop | connection_listed(incoming.getall("Connection"))
-    if not keep_length:
-        drop = drop | {"content-length"}
     out = [(name, value) for name, value in incoming.items() if name.lower() not in drop]
     # One scan of everything that goes out (a tab, allowed in values, separates them).
     if _UNWRITABLE.search("\t".join(chain.from_iterable(out))):

@@ -164,6 +164,42 @@ async def test_content_length_with_transfer_encoding_is_400_and_smuggles_nothing
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["buffered", "streamed"])
+async def test_content_length_named_in_connection_still_frames_the_body_for_bol(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, streamed: bool,
+) -> None:
+    # Listing Content-Length in Connection drops the client's header (RFC 9110 §7.6.1);
+    # the body must still reach bol framed, or bol reads it as a request of its own.
+    smuggled = b"GET /internal/admin HTTP/1.1\r\nHost: bol\r\nX-Pad: " + b"a" * 200 + b"\r\n\r\n"
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lengths = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")]
+        body = await reader.readexactly(lengths[0]) if len(lengths) == 1 else b""
+        seen.append((head, body))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        seen.append((await reader.read(), b""))  # anything more the proxy sent
+        writer.close()
+
+    _, url = bol  # the token endpoint
+    async with await asyncio.start_server(record, "127.0.0.1", 0) as upstream:
+        api_url = f"http://127.0.0.1:{upstream.sockets[0].getsockname()[1]}"
+        server = await start_proxy(base_config(
+            url, upstream={"api_url": api_url}, limits={"replay_buffer": 64 if streamed else MB}))
+        raw = await raw_request(server.port(), b"POST /retailer/upload HTTP/1.1\r\nHost: proxy\r\n"
+                                b"Content-Length: %d\r\n" % len(smuggled)
+                                + b"Connection: close, Content-Length\r\n\r\n" + smuggled)
+        await wait_until(lambda: len(seen) == 2)
+    assert split_response(raw)[0] == 200
+    (head, body), (after, _) = seen
+    assert head.lower().count(b"content-length:") == 1
+    assert body == smuggled  # the whole body, as a body
+    assert after == b""  # and nothing that bol could read as a second request
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["buffered", "streamed"])
 async def test_chunk_framing_broken_mid_body_is_400_at_once(
     bol: tuple[FakeBol, str], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture,
     streamed: bool,

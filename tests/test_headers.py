@@ -31,9 +31,8 @@ def headers(*items: tuple[str, str]) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(CIMultiDict(items))
 
 
-def up(*items: tuple[str, str], keep_length: bool = True) -> CIMultiDict[str]:
-    return CIMultiDict(upstream_request_headers(headers(*items), "the-token",
-                                                keep_length=keep_length))
+def up(*items: tuple[str, str]) -> CIMultiDict[str]:
+    return CIMultiDict(upstream_request_headers(headers(*items), "the-token"))
 
 
 def raw(*items: tuple[str, str]) -> tuple[tuple[bytes, bytes], ...]:
@@ -126,20 +125,21 @@ def test_end_to_end_request_headers_go_up_unchanged_and_in_order() -> None:
         ("X-Multi", "first"),
         ("Cookie", "a=1"),
         ("x-multi", "second"),
-        ("Content-Length", "12"),
     ]
     out = up(*items)
     assert list(out.items())[:-1] == items  # then the bearer token
     assert out.getall("X-Multi") == ["first", "second"]
 
 
-@pytest.mark.parametrize("keep_length", [True, False])
-def test_content_length_goes_up_only_when_the_body_streams_as_declared(
-    keep_length: bool
-) -> None:
-    out = up(("Content-Length", "12"), ("Content-Type", "application/json"),
-             keep_length=keep_length)
-    assert ("Content-Length" in out) is keep_length
+@pytest.mark.parametrize("connection", [None, "keep-alive, Content-Length"])
+def test_the_clients_content_length_never_goes_up(connection: str | None) -> None:
+    # The forwarder frames the body itself: a length listed in Connection (and so
+    # dropped) must not leave the body unframed on the way to bol.
+    items = [("Content-Length", "12"), ("Content-Type", "application/json")]
+    if connection:
+        items.append(("Connection", connection))
+    out = up(*items)
+    assert "Content-Length" not in out
     assert out["Content-Type"] == "application/json"
 
 
@@ -163,7 +163,7 @@ def test_repeated_response_headers_come_back_in_order() -> None:
 
 def test_incoming_headers_are_not_modified() -> None:
     incoming = headers(("Host", "localhost"), ("Connection", "X-One"), ("X-One", "1"))
-    upstream_request_headers(incoming, "tok", keep_length=False)
+    upstream_request_headers(incoming, "tok")
     assert list(incoming.items()) == [("Host", "localhost"), ("Connection", "X-One"),
                                       ("X-One", "1")]
 
@@ -196,7 +196,8 @@ def test_no_response_headers_is_no_headers() -> None:
 NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-",
                min_size=1, max_size=12)
 HOP = st.sampled_from([name for name, _ in HOP_BY_HOP] + ["Host", "Authorization",
-                                                          "X-Bol-Credentials", "Expect"])
+                                                          "X-Bol-Credentials", "Expect",
+                                                          "Content-Length"])
 CASED = st.tuples(HOP, st.sampled_from([str.lower, str.upper, str.title])).map(
     lambda pair: pair[1](pair[0]))
 VALUE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=20)
@@ -209,13 +210,13 @@ def test_what_goes_up_is_the_end_to_end_headers_in_order_plus_one_bearer(
     end_to_end: list[tuple[str, str]], hop: list[tuple[str, str]]
 ) -> None:
     dropped = {name.lower() for name, _ in HOP_BY_HOP} | {
-        "host", "authorization", "x-bol-credentials", "expect", "connection"}
+        "host", "authorization", "x-bol-credentials", "expect", "connection", "content-length"}
     kept = [(n, v) for n, v in end_to_end if n.lower() not in dropped]
     # Connection may name any of the end-to-end headers: those go too.
     listed = {v.strip().lower() for n, v in hop if n.lower() == "connection"
               for v in v.split(",")}
     expected = [(n, v) for n, v in kept if n.lower() not in listed]
-    out = upstream_request_headers(headers(*end_to_end, *hop), "tok", keep_length=True)
+    out = upstream_request_headers(headers(*end_to_end, *hop), "tok")
     assert out == [*expected, ("Authorization", "Bearer tok")]
 
 
