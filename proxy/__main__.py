@@ -147,8 +147,8 @@ async def serve(config: Config, load: Callable[[], Config]) -> int:
     async with asyncio.TaskGroup() as group:
         watcher = group.create_task(_reload_on_signal(server, reloads, load))
         await stop.wait()
-        log.info("shutting down: finishing in-flight requests (at most %.0f s)",
-                 config.shutdown_timeout)
+        log.info("shutting down: finishing in-flight requests (at most %g s)",
+                 server.config.shutdown_timeout)  # as reloaded, if it was
         watcher.cancel()
     await server.stop()
     log.info("stopped")

@@ -19,6 +19,7 @@ import logging
 import random
 import ssl
 from collections.abc import Callable
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import http_parser, web
@@ -61,7 +62,7 @@ def require_c_parser() -> None:
 
 
 class _RequestHandler(RequestHandler):
-    """aiohttp's connection handler with one repair.
+    """aiohttp's connection handler with one repair, and a way to close it promptly.
 
     When the C parser gives up in the middle of a request body (chunk framing broken
     after the body began to stream), aiohttp queues a 400 for after the current request
@@ -88,11 +89,28 @@ class _RequestHandler(RequestHandler):
                 body.feed_eof()  # ended: aiohttp must not linger reading it after the 400
 
 
+    def close_soon(self) -> None:
+        """Close now if idle between requests (as aiohttp's own keep-alive check tells
+        idleness), else once the answer being written is done; ``close()`` alone leaves
+        an idle connection open but deaf."""
+        if self._waiter is not None and not self._waiter.done():
+            self.force_close()
+        else:
+            self.close()
+
+
 class _Server(web.Server):
     """``web.Server`` making :class:`_RequestHandler` connections."""
 
     def __call__(self) -> RequestHandler:
         return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server
+    assert server is not None and hasattr(server, "sockets")
+    port: int = server.sockets[0].getsockname()[1]
+    return port
 
 
 def tls_context(config: Config) -> ssl.SSLContext:
@@ -168,6 +186,7 @@ class ProxyServer:
         except BaseException:
             await self._close()
             raise
+        self.forwarder.settings = Settings.from_config(config, self._listening())
         # Only once listening: a proxy that cannot start must not spend token requests.
         self.tokens.start()
 
@@ -199,12 +218,7 @@ class ProxyServer:
         """The bound port of the main listener, or of set ``name``'s dedicated one."""
         config = self.config
         wanted = config.listen.port if name is None else config.credentials[name].port
-        key = (config.listen.host, wanted or 0)
-        site = self._sites[key]
-        server = site._server
-        assert server is not None and hasattr(server, "sockets")
-        port: int = server.sockets[0].getsockname()[1]
-        return port
+        return _bound_port(self._sites[(config.listen.host, wanted or 0)])
 
     async def _listen(self, config: Config) -> None:
         host = config.listen.host
@@ -236,7 +250,8 @@ class ProxyServer:
         if (old_up.api_url, old_up.connect_timeout) != (new_up.api_url, new_up.connect_timeout):
             retired, self.forwarder.pool = self.forwarder.pool, upstream_pool(config)
             retired.retire()  # in-flight answers finish on their connections
-        self.forwarder.settings = Settings.from_config(config)
+        self.forwarder.settings = Settings.from_config(config, self._listening())
+        self._close_connections(keep=self._listening())  # to ports that are gone
         await self.forwarder.tokens.apply(config)
         self.config = config
         names = ", ".join(sorted(config.credentials)[:20])
@@ -251,6 +266,10 @@ class ProxyServer:
         for site in self._sites.values():
             await site.stop()
         self._sites.clear()
+        # Stop accepting on open connections too: idle ones close now, busy ones after
+        # their answer, and a request that still arrives gets 503 listener-closed.
+        self.forwarder.settings = replace(self.forwarder.settings, listening=frozenset())
+        self._close_connections(keep=frozenset())
         log.info("listeners closed; %d requests in flight", self.metrics.in_flight)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.forwarder.drained.wait(), self.config.shutdown_timeout)
@@ -258,6 +277,19 @@ class ProxyServer:
             log.warning("shutdown: %d requests still in flight after %.0f s are cancelled",
                         self.metrics.in_flight, self.config.shutdown_timeout)
         await self._close()
+
+    def _listening(self) -> frozenset[int]:
+        """The ports the listeners are bound to now."""
+        return frozenset(_bound_port(site) for site in self._sites.values())
+
+    def _close_connections(self, keep: frozenset[int]) -> None:
+        """Close client connections to any port not in ``keep``: idle ones at once, busy
+        ones once their current answer is written."""
+        for handler in self._runner.server.connections if self._runner.server else []:
+            transport = handler.transport
+            if (isinstance(handler, _RequestHandler) and transport is not None
+                    and transport.get_extra_info("sockname")[1] not in keep):
+                handler.close_soon()
 
     async def _close(self) -> None:
         await self._runner.cleanup()  # stops the listeners, then waits for handlers

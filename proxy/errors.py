@@ -117,6 +117,16 @@ class TokenUnavailable(ProxyError):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
+class ListenerClosed(ProxyError):
+    """The request came over a connection whose listener a reload or shutdown closed: a
+    port that may have meant another credential set. Answered, then the connection is
+    closed; the tool reconnects to the listeners configured now."""
+
+    status = 503
+    code = "listener-closed"
+    title = "Listener closed"
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
     code = "upstream-timeout"

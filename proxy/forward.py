@@ -38,6 +38,7 @@ from .config import Config
 from .errors import (
     BadRequest,
     BodyTooLarge,
+    ListenerClosed,
     ProxyError,
     RequestTimeout,
     UpstreamTimeout,
@@ -68,10 +69,10 @@ class Settings:
     router: Router
     path_prefix: str  # the path of upstream.api_url, if it has one
     timeout: float
-    has_dedicated_ports: bool
+    listening: frozenset[int]  # the ports of this configuration's listeners, as bound
 
     @classmethod
-    def from_config(cls, config: Config) -> Settings:
+    def from_config(cls, config: Config, listening: frozenset[int] = frozenset()) -> Settings:
         up = config.upstream
         return cls(
             config=config,
@@ -79,7 +80,7 @@ class Settings:
                           config.dedicated_ports()),
             path_prefix=urlsplit(up.api_url).path.rstrip("/"),
             timeout=up.timeout,
-            has_dedicated_ports=bool(config.dedicated_ports()),
+            listening=listening,
         )
 
 
@@ -237,8 +238,9 @@ class Forwarder:
             response = problem_response(exc)
             exchange.error = exc.code
             exchange.bytes = response.content_length or 0
-            if isinstance(exc, RequestTimeout | BodyTooLarge | BadRequest):
-                # The rest of the body, if any, is not wanted: don't wait to drain it.
+            if isinstance(exc, RequestTimeout | BodyTooLarge | BadRequest | ListenerClosed):
+                # The rest of the body, if any, is not wanted: don't wait to drain it. A
+                # closed listener's connection must not carry another request either.
                 response.force_close()
             return response
         except asyncio.CancelledError:
@@ -252,9 +254,13 @@ class Forwarder:
 
     async def _forward(self, request: web.BaseRequest, settings: Settings,
                        exchange: Exchange) -> web.StreamResponse:
-        port = None
-        if settings.has_dedicated_ports and request.transport is not None:
-            port = request.transport.get_extra_info("sockname")[1]
+        transport = request.transport
+        port = transport.get_extra_info("sockname")[1] if transport is not None else None
+        if port not in settings.listening:
+            # A keep-alive connection to a listener that a reload or shutdown closed: its
+            # port may have belonged to a set, and the default set must not stand in.
+            raise ListenerClosed("this connection's listener was closed by a reload or "
+                                 "shutdown; reconnect")
         route = settings.router.resolve(
             request.method, request.raw_path, request.headers.getall(CREDENTIALS_HEADER, []), port
         )

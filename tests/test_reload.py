@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from dataclasses import replace
 
 import aiohttp
 import pytest
@@ -11,7 +13,14 @@ from aiohttp import web
 from proxy.config import validate
 from proxy.demo import DEMO_CLIENT_ID, FakeBol
 from proxy.errors import ConfigError
-from tests.conftest import SECRET_B, StartProxy, base_config, free_port
+from tests.conftest import (
+    SECRET_B,
+    StartProxy,
+    base_config,
+    free_port,
+    raw_request,
+    split_response,
+)
 
 
 async def status(http: aiohttp.ClientSession, port: int, path: str = "/retailer/orders") -> int:
@@ -147,5 +156,113 @@ async def test_stop_gives_in_flight_requests_the_shutdown_timeout_once_not_twice
     await server.stop()
     # 2 s for the request, then a moment to cancel it (aiohttp alone would wait 2 s more).
     assert 2 <= loop.time() - started < 3.5
+    with pytest.raises(aiohttp.ClientError):
+        await asyncio.wait_for(pending, 5)
+
+
+async def one_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     target: bytes = b"/retailer/orders") -> bytes:
+    """Send a keep-alive GET on an open connection and read its answer's head (the body,
+    by its Content-Length, is read and dropped); b"" if the proxy closed the connection."""
+    writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return b""
+    length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+              if line.lower().startswith(b"content-length:")]
+    await reader.readexactly(length[0] if length else 0)
+    return head
+
+
+async def test_a_connection_to_a_port_a_reload_retired_never_falls_back_to_the_default_set(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy,
+) -> None:
+    # Set b's port was b's; after the reload it is nobody's. A request still arriving
+    # over an old connection to it must not be forwarded with the default set's token.
+    fake, url = bol
+    raw = base_config(url)
+    raw["credentials"]["setb"]["port"] = free_port()
+    server = await start_proxy(raw)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port("setb"))
+    try:
+        assert (await one_answer(reader, writer)).startswith(b"HTTP/1.1 200")
+        assert fake.api_requests[-1].client_id == "client-b"
+        raw["credentials"]["setb"]["port"] = free_port()
+        await server.reload(validate(raw))
+        assert await one_answer(reader, writer) == b""  # closed by the reload
+    finally:
+        writer.close()
+    assert len(fake.api_requests) == 1
+
+
+async def test_a_request_over_a_closed_listeners_connection_gets_503_and_a_close(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy,
+) -> None:
+    # The moment between a reload and the closing of the connections it retired.
+    fake, url = bol
+    server = await start_proxy(base_config(url))
+    server.forwarder.settings = replace(server.forwarder.settings, listening=frozenset())
+    status, headers, body = split_response(
+        await raw_request(server.port(), b"GET /retailer/orders HTTP/1.1\r\nHost: proxy\r\n\r\n"))
+    assert status == 503
+    assert headers["Connection"] == "close"
+    assert json.loads(body)["type"] == "urn:bol-proxy:listener-closed"
+    assert fake.api_requests == []
+
+
+async def test_stop_closes_idle_connections_at_once_and_refuses_new_requests(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+) -> None:
+    fake, url = bol
+    entered = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.Response:
+        entered.set()
+        await asyncio.Event().wait()  # never answers: stop() waits its shutdown_timeout
+        raise AssertionError("unreachable")
+
+    fake.extra["/retailer/endless"] = endless
+    server = await start_proxy(base_config(url, shutdown_timeout=2))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port())
+    try:
+        assert (await one_answer(reader, writer)).startswith(b"HTTP/1.1 200")
+        loop = asyncio.get_running_loop()
+        pending = loop.create_task(status(http, server.port(), "/retailer/endless"))
+        await asyncio.wait_for(entered.wait(), 5)
+        stopping = loop.create_task(server.stop())
+        assert await one_answer(reader, writer) == b""  # closed, while stop() waits
+        assert not stopping.done()
+        await asyncio.wait_for(stopping, 5)
+        with pytest.raises(aiohttp.ClientError):
+            await asyncio.wait_for(pending, 5)
+    finally:
+        writer.close()
+    assert [seen.target for seen in fake.api_requests] == ["/retailer/orders",
+                                                           "/retailer/endless"]
+
+
+async def test_a_reloaded_shutdown_timeout_applies_to_the_next_stop(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+) -> None:
+    fake, url = bol
+    entered = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.Response:
+        entered.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    fake.extra["/retailer/endless"] = endless
+    raw = base_config(url, shutdown_timeout=30)
+    server = await start_proxy(raw)
+    raw["shutdown_timeout"] = 1
+    await server.reload(validate(raw))
+    loop = asyncio.get_running_loop()
+    pending = loop.create_task(status(http, server.port(), "/retailer/endless"))
+    await asyncio.wait_for(entered.wait(), 5)
+    started = loop.time()
+    await server.stop()
+    assert loop.time() - started < 2.5  # 1 s, not 30
     with pytest.raises(aiohttp.ClientError):
         await asyncio.wait_for(pending, 5)
