@@ -40,11 +40,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=logs.FORMATS, default="text")
     p.add_argument("--check", action="store_true",
                    help="validate the configuration, print a summary (secrets masked), exit")
+    # The logging options are accepted after a command too (bol-proxy demo --log-format
+    # json); there they only override what was given before it.
+    logging_options = argparse.ArgumentParser(add_help=False)
+    logging_options.add_argument("--log-level", choices=logs.LEVELS, default=argparse.SUPPRESS)
+    logging_options.add_argument("--log-format", choices=logs.FORMATS,
+                                 default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="{demo,authorize}")
-    demo = sub.add_parser("demo", help="run against a built-in imitation of bol.com")
+    demo = sub.add_parser("demo", parents=[logging_options],
+                          help="run against a built-in imitation of bol.com")
     demo.add_argument("--port", type=int, dest="demo_port",
                       help="port of the demo proxy (default: 8080)")
-    auth = sub.add_parser("authorize", help="connect a seller's shop to a refresh-token set")
+    auth = sub.add_parser("authorize", parents=[logging_options],
+                          help="connect a seller's shop to a refresh-token set")
     auth.add_argument("set", help="name of a credential set with grant: refresh_token")
     auth.add_argument("--config", dest="auth_config", metavar="CONFIG",
                       help="YAML configuration file (default: $BOL_PROXY_CONFIG)")
@@ -88,8 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         load = config_loader(args)
         config = load()
         if args.check:
-            for line in configuration.summary(config):
-                print(line)
+            try:
+                for line in configuration.summary(config):
+                    print(line)
+                sys.stdout.flush()
+            except BrokenPipeError:  # --check | head: the reader has what it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             return runner.run(serve(config, load))

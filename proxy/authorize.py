@@ -36,7 +36,9 @@ def authorize(config: Config, name: str, code: str | None) -> int:
         url, state = authorize_url(config.upstream.authorize_url, cred)
         print(f"Open this URL as the seller and approve access for '{name}':\n\n  {url}\n")
         print(f"bol then redirects to {cred.redirect_uri}?code=...&state={state}")
-        print(f"Check that state matches, then run:\n\n  bol-proxy authorize {name} --code=CODE")
+        where = "" if config.source == "environment" else f" --config {config.source}"
+        print(f"Check that state matches, then run:\n\n  bol-proxy authorize {name}{where} "
+              "--code=CODE")
         return 0
     try:
         asyncio.run(_exchange(config, cred, code))

@@ -24,7 +24,32 @@ import yaml
 from .errors import ConfigError, ConfigFileError
 
 # libyaml's loader where installed: 10,000 credential sets load five times faster.
-_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_SECONDS = 7 * 86400.0  # the largest duration any setting takes: a week
+
+
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping names one key twice: YAML would silently keep the last one."""
+
+
+class _Loader(_SafeLoader):  # type: ignore[misc,valid-type]
+    """A safe loader that refuses duplicate keys: a copied credential set that reuses a
+    name must not quietly replace the first one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable: the base class says so
+            if duplicate:
+                raise DuplicateKey(None, None, f"duplicate key '{str(key)[:64]}'",
+                                   key_node.start_mark)
+            seen.add(key)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 SET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 DEFAULT_ALLOWED_PATHS = (
@@ -155,6 +180,8 @@ def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1})" if where is not None else ""
+        if isinstance(exc, DuplicateKey):
+            raise ConfigError(f"{path}: {exc.problem}{at}") from None
         raise ConfigError(f"{path}: not valid YAML{at}") from None
     if raw is None:
         raw = {}
@@ -280,7 +307,7 @@ class _Section:
         return name in self.raw
 
     def number(self, name: str, default: float, *, minimum: float = 0.0,
-               exclusive: bool = True) -> float:
+               exclusive: bool = True, maximum: float = MAX_SECONDS) -> float:
         value = self.take(name, default)
         try:
             number = float(value)
@@ -291,6 +318,8 @@ class _Section:
         if number < minimum or (exclusive and number == minimum):
             bound = "greater than" if exclusive else "at least"
             raise ConfigError(f"{self.key(name)}: must be {bound} {minimum:g}, got {_show(value)}")
+        if number > maximum:
+            raise ConfigError(f"{self.key(name)}: must be at most {maximum:g}, got {_show(value)}")
         return number
 
     def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
@@ -397,11 +426,12 @@ def _upstream(s: _Section) -> Upstream:
     timeout = s.number("timeout", Upstream.timeout)
     ca_file = s.string("ca_file", None)
     if ca_file is not None:
-        if not os.access(ca_file, os.R_OK):
-            raise ConfigFileError(f"{s.key('ca_file')}: cannot read {ca_file}")
+        if not os.path.isfile(ca_file) or not os.access(ca_file, os.R_OK):
+            raise ConfigFileError(f"{s.key('ca_file')}: cannot read {ca_file} (not a "
+                                  "readable file)")
         try:
             ssl.create_default_context().load_verify_locations(ca_file)
-        except ssl.SSLError:
+        except (ssl.SSLError, OSError):
             raise ConfigError(f"{s.key('ca_file')}: {ca_file} holds no PEM certificates") \
                 from None
     paths_raw = s.take("allowed_paths", list(DEFAULT_ALLOWED_PATHS))

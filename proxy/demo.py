@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import secrets
 import signal
 import time
@@ -22,6 +23,8 @@ from urllib.parse import parse_qs
 
 from aiohttp import web
 from multidict import CIMultiDict
+
+log = logging.getLogger("proxy")
 
 V10 = "application/vnd.retailer.v10+json"
 DEMO_CLIENT_ID = "demo-client"
@@ -236,6 +239,8 @@ def run_demo(port: int) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, log.info,
+                                "SIGHUP: the demo has no configuration file to reload")
         p = server.port()
         print(f"bol-proxy demo: imitation of bol.com at {base}, proxy at http://127.0.0.1:{p}")
         print("Try:\n")

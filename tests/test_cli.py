@@ -268,6 +268,17 @@ async def test_demo_answers_orders_with_json(http: aiohttp.ClientSession) -> Non
         assert (await demo.finish()).status == 0
 
 
+async def test_demo_takes_logging_options_after_the_command_and_survives_sighup() -> None:
+    async with started("demo", "--port", str(free_port()), "--log-format", "json") as demo:
+        await demo.line("stdout", r"curl ", START)
+        demo.send(signal.SIGHUP)
+        await demo.line("stderr", r'"message": "SIGHUP: the demo has no configuration', WAIT)
+        demo.send(signal.SIGTERM)
+        done = await demo.finish()
+    assert done.status == 0
+    assert all(json.loads(line) for line in done.stderr_lines)
+
+
 @pytest.mark.parametrize("command", ["proxy", "demo"])
 async def test_port_in_use_exits_1_with_one_line(
     bol: tuple[FakeBol, str], tmp_path: Path, command: str
@@ -442,6 +453,8 @@ async def test_authorize_prints_the_authorize_url_of_the_set(
         "scope": ["offline_access"], "redirect_uri": [REDIRECT_URI]}
     assert len(query["state"][0]) >= 16
     assert f"state={query['state'][0]}" in done.stdout.replace(found.group(0), "")
+    # The next step, as printed, reads the same file.
+    assert f"bol-proxy authorize partner --config {path} --code=CODE" in done.stdout
     assert DEMO_CLIENT_SECRET not in done.stdout + done.stderr
     assert not (tmp_path / "state" / "partner.refresh").exists()
 

@@ -582,3 +582,37 @@ def test_a_ca_file_without_certificates_is_a_configuration_error(tmp_path: Path)
     bundle.write_text("not a certificate\n")
     with pytest.raises(ConfigError, match=r"upstream\.ca_file: .* holds no PEM certificates"):
         validate({**BASE, "upstream": {"ca_file": str(bundle)}})
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ("credentials:\n  acme: {client_id: a, client_secret: b}\n"
+         "  acme: {client_id: c, client_secret: d}\n", "acme", 3),
+        ("shutdown_timeout: 5\ncredentials:\n  acme: {client_id: a, client_secret: b}\n"
+         "shutdown_timeout: 9\n", "shutdown_timeout", 4),
+        ("credentials:\n  acme:\n    client_id: a\n    client_secret: b\n    client_id: c\n",
+         "client_id", 5),
+    ],
+    ids=["set", "top-level", "set-key"],
+)
+def test_a_key_given_twice_is_an_error_naming_it_and_its_line(
+    tmp_path: Path, text: str, key: str, line: int
+) -> None:
+    # YAML would keep the last one: a copied shop block would silently replace the first.
+    with pytest.raises(ConfigError, match=rf"duplicate key '{key}' \(line {line}\)"):
+        load_file(write(tmp_path, text), env={})
+
+
+def test_a_ca_file_that_is_a_folder_is_a_file_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigFileError, match=r"upstream\.ca_file: .*not a readable file"):
+        load_file(write(tmp_path, with_(upstream={"ca_file": str(tmp_path)})), env={})
+
+
+@pytest.mark.parametrize("key", ["shutdown_timeout", "upstream.timeout",
+                                 "tokens.refresh_margin"])
+def test_a_duration_beyond_a_week_is_rejected(key: str) -> None:
+    section, _, name = key.rpartition(".")
+    raw = with_(**({section: {name: "1e300"}} if section else {name: "1e300"}))
+    with pytest.raises(ConfigError, match=rf"{key}: must be at most 604800"):
+        validate(raw)
