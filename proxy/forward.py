@@ -23,11 +23,14 @@ Headers are never logged: the access line has the path without its query.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -173,6 +176,23 @@ async def read_body(request: web.BaseRequest, max_size: int, replay_size: int) -
     return Body(None, request.content, prefix=b"".join(parts), limit=max_size)
 
 
+def _reason(phrase: str) -> str | None:
+    """bol's reason phrase, if aiohttp can write it back as it came (ASCII); else the
+    standard phrase of the status (clients ignore it: RFC 9112 §4)."""
+    return phrase if phrase.isascii() else None
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Close a client's connection with a TCP reset, not a FIN: an HTTP/1.0 client reads
+    a body without Content-Length up to the close, and a plain close would make a cut
+    body look complete."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    cast(asyncio.Transport, transport).abort()
+
+
 def translate(exc: BaseException, body: Body | None = None) -> ProxyError:
     """The one boundary where upstream failures become proxy errors."""
     if isinstance(exc, BodyTooLarge) or (body is not None and body.too_large):
@@ -210,7 +230,7 @@ class Forwarder:
                 await response.prepare(request)
                 await response.write_eof()
             except ConnectionError:
-                exchange.error = "client-gone"
+                exchange.error = exchange.error or "client-gone"  # a reset of ours stays ours
             return response
         except asyncio.CancelledError:
             # handler_cancellation: the client closed its connection (or shutdown).
@@ -347,7 +367,8 @@ class Forwarder:
             upstream.release()
             # Content-Length is copied as bol sent it: a HEAD answer announces the size
             # of the body it does not carry (RFC 9110 §9.3.2).
-            return web.StreamResponse(status=status, reason=upstream.reason, headers=headers)
+            return web.StreamResponse(status=status, reason=_reason(upstream.reason),
+                                      headers=headers)
         length = upstream.content_length
         if length is not None and length <= SMALL_RESPONSE:
             try:
@@ -357,13 +378,13 @@ class Forwarder:
                 raise translate(exc) from exc  # nothing sent yet: a clean 502 or 504
             upstream.release()
             exchange.bytes = len(data)
-            return web.Response(status=status, reason=upstream.reason, headers=headers,
+            return web.Response(status=status, reason=_reason(upstream.reason), headers=headers,
                                 body=data)
         return await self._stream(request, upstream, headers, exchange)
 
     async def _stream(self, request: web.BaseRequest, upstream: Response,
                       headers: list[tuple[str, str]], exchange: Exchange) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+        response = web.StreamResponse(status=upstream.status, reason=_reason(upstream.reason),
                                       headers=headers)
         try:
             await response.prepare(request)
@@ -374,11 +395,11 @@ class Forwarder:
                     # SPEC §5: never present a truncated body as complete. An aborted
                     # connection leaves the client a short Content-Length body or a
                     # chunked body without its last chunk, which every client reports.
-                    log.warning("upstream failed mid-response (%s): aborting the client "
+                    log.warning("upstream failed mid-response (%s): resetting the client "
                                 "connection", type(exc).__name__)
                     exchange.error = "upstream-failed-mid-body"
                     if request.transport is not None:
-                        request.transport.abort()
+                        reset(request.transport)
                     return response
                 if not chunk:
                     break

@@ -183,7 +183,8 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # An upgrade (101) is never asked for: as malformed as any other surprise.
             self._lost(ConnectionLost("malformed answer from the upstream"))
             self.close()
             return

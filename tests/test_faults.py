@@ -478,6 +478,33 @@ async def test_upstream_cut_mid_body_is_never_a_complete_looking_body(
     no_errors_logged(caplog, "proxy")
 
 
+async def test_an_http10_client_sees_a_reset_not_a_clean_end_when_bol_breaks_off(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, raw_upstream: StartRawUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # HTTP/1.0 has no chunking: the body runs to the close, so only a reset tells the
+    # client that it is not all there.
+    _, url = bol
+    upstream = await raw_upstream(_short_chunked)
+    server = await start_proxy(base_config(url, upstream={"api_url": upstream}))
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port())
+    received = b""
+    try:
+        writer.write(b"GET /retailer/orders HTTP/1.0\r\nHost: proxy\r\n\r\n")
+        with pytest.raises(ConnectionResetError):
+            async with asyncio.timeout(3):
+                while chunk := await reader.read(65536):
+                    received += chunk
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    assert received.startswith(b"HTTP/1.0 200") or received == b""
+    line = next(r.getMessage() for r in caplog.records if r.name == "proxy.access")
+    assert " 502 " in line and "error=upstream-failed-mid-body" in line
+
+
 async def test_upstream_stalling_mid_body_is_cut_off_at_the_timeout(
     bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
     raw_upstream: StartRawUpstream,
@@ -518,6 +545,39 @@ async def test_small_upstream_body_cut_short_is_a_clean_502(
     async with http.get(f"http://127.0.0.1:{server.port()}/retailer/orders") as resp:
         assert resp.status == 502  # nothing was sent yet, so the proxy can still say so
         assert (await problem(resp))["type"] == "urn:bol-proxy:upstream-unreachable"
+
+
+@pytest.mark.parametrize(("sent", "passed"), [(b"Fine By Me", b"Fine By Me"),
+                                             (b"Caf\xc3\xa9 \xff", b"OK")],
+                         ids=["ascii-unchanged", "non-ascii-standard"])
+async def test_the_reason_phrase_passes_unchanged_or_becomes_the_standard_one(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, raw_upstream: StartRawUpstream,
+    sent: bytes, passed: bytes,
+) -> None:
+    async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 " + sent + b"\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    _, url = bol
+    server = await start_proxy(base_config(url, upstream={"api_url": await raw_upstream(answer)}))
+    raw = await raw_request(server.port(), request(b"/retailer/orders"))
+    assert raw.startswith(b"HTTP/1.1 200 " + passed + b"\r\n")  # never re-encoded
+
+
+async def test_an_upstream_switching_protocols_is_a_502_without_a_traceback(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, raw_upstream: StartRawUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def upgrade(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\n\r\n")
+        await writer.drain()
+
+    _, url = bol
+    server = await start_proxy(base_config(url, upstream={"api_url": await raw_upstream(upgrade)}))
+    raw = await raw_request(server.port(), request(b"/retailer/orders"))
+    assert split_response(raw)[0] == 502
+    no_errors_logged(caplog)
 
 
 @pytest.mark.parametrize(
