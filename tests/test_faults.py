@@ -326,6 +326,42 @@ async def test_request_header_bytes_pass_unchanged_or_are_refused(
         assert json.loads(split_response(raw)[2])["type"] == "urn:bol-proxy:bad-request"
 
 
+@pytest.mark.parametrize("size", [5, 4096], ids=["buffered", "streamed"])
+async def test_expect_100_continue_is_answered_before_the_body_is_sent(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, size: int,
+) -> None:
+    fake, url = bol
+    server = await start_proxy(base_config(url, limits={"replay_buffer": 1024}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port())
+    try:
+        writer.write(b"PUT /retailer/offers/1 HTTP/1.1\r\nHost: proxy\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % size)
+        async with asyncio.timeout(3):  # a client that waits for it is not left waiting
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"x" * size)
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    assert split_response(answer)[0] == 200
+    (seen,) = fake.api_requests
+    assert seen.body == b"x" * size
+    assert "Expect" not in seen.headers
+
+
+async def test_expect_100_continue_with_a_body_over_the_limit_gets_413_instead(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy,
+) -> None:
+    fake, url = bol
+    server = await start_proxy(base_config(url, limits={"max_body_size": 1000}))
+    raw = await raw_request(server.port(), b"POST /retailer/offers HTTP/1.1\r\nHost: proxy\r\n"
+                            b"Expect: 100-continue\r\nContent-Length: 5000\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 413 ")  # no 100 first: the body is not wanted
+    assert fake.api_requests == []
+
+
 # ------------------------------------------------------------------------ body limits §7
 
 
