@@ -23,17 +23,16 @@ from dataclasses import replace
 
 import aiohttp
 from aiohttp import http_parser, web
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.web_protocol import RequestHandler
 
 from . import logs
 from .admin import Admin
 from .config import Config, CredentialSet
-from .errors import BadRequest, ConfigError, StartupError
+from .errors import ConfigError, StartupError
 from .forward import Forwarder, Settings
 from .metrics import Metrics
 from .oauth import Grant, TokenClient, client_credentials_form
 from .refresh import RefreshGrant, RefreshTokenFile
+from .server import Roles, Server
 from .tokens import Clock, Obtain, Tokens
 from .upstream import UpstreamPool
 
@@ -59,51 +58,6 @@ def require_c_parser() -> None:
     if http_parser.HttpRequestParser is http_parser.HttpRequestParserPy:
         raise StartupError("aiohttp runs without its C HTTP parser (AIOHTTP_NO_EXTENSIONS set, "
                            "or an install without wheels); refusing to serve")
-
-
-class _RequestHandler(RequestHandler):
-    """aiohttp's connection handler with one repair, and a way to close it promptly.
-
-    When the C parser gives up in the middle of a request body (chunk framing broken
-    after the body began to stream), aiohttp queues a 400 for after the current request
-    but leaves that request's body unfinished, so a handler reading it would wait until
-    its own timeout. Such a body now fails at once, and the client gets a 400.
-    """
-
-    __slots__ = ()
-
-    def data_received(self, data: bytes) -> None:
-        queued = len(self._messages)
-        super().data_received(data)
-        if len(self._messages) == queued or isinstance(self._messages[-1][0],
-                                                       RawRequestMessage):
-            return  # nothing new, or a request: the parser is fine
-        # The parser gave up: no body it was still reading can ever end.
-        request = self._current_request
-        bodies = [payload for _, payload in self._messages]
-        if request is not None:
-            bodies.append(request.content)
-        for body in bodies:
-            if not body.is_eof():
-                body.set_exception(BadRequest("the request body's framing is broken"))
-                body.feed_eof()  # ended: aiohttp must not linger reading it after the 400
-
-
-    def close_soon(self) -> None:
-        """Close now if idle between requests (as aiohttp's own keep-alive check tells
-        idleness), else once the answer being written is done; ``close()`` alone leaves
-        an idle connection open but deaf."""
-        if self._waiter is not None and not self._waiter.done():
-            self.force_close()
-        else:
-            self.close()
-
-
-class _Server(web.Server):
-    """``web.Server`` making :class:`_RequestHandler` connections."""
-
-    def __call__(self) -> RequestHandler:
-        return _RequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 def _bound_port(site: web.TCPSite) -> int:
@@ -169,8 +123,9 @@ class ProxyServer:
         self.admin = Admin(self.tokens, self.metrics)
         self.metrics.watch_tokens(self.tokens.active, clock.monotonic,
                                   self._authorisation_expiry)
-        server = _Server(
+        server = self._server = Server(
             self._handle,
+            roles=lambda: self.forwarder.settings.roles,
             handler_cancellation=True,  # a vanished client cancels its upstream exchange
             access_log=None,  # the forwarder writes a cheaper line of its own
             keepalive_timeout=KEEPALIVE,
@@ -186,7 +141,7 @@ class ProxyServer:
         except BaseException:
             await self._close()
             raise
-        self.forwarder.settings = Settings.from_config(config, self._listening())
+        self.forwarder.settings = Settings.from_config(config, self._roles(config))
         # Only once listening: a proxy that cannot start must not spend token requests.
         self.tokens.start()
 
@@ -250,8 +205,9 @@ class ProxyServer:
         if (old_up.api_url, old_up.connect_timeout) != (new_up.api_url, new_up.connect_timeout):
             retired, self.forwarder.pool = self.forwarder.pool, upstream_pool(config)
             retired.retire()  # in-flight answers finish on their connections
-        self.forwarder.settings = Settings.from_config(config, self._listening())
-        self._close_connections(keep=self._listening())  # to ports that are gone
+        self.forwarder.settings = Settings.from_config(config, self._roles(config))
+        # Connections to a port that is gone, or now means another set, or no set.
+        self._server.close_connections(self.forwarder.settings.roles)
         await self.forwarder.tokens.apply(config)
         self.config = config
         names = ", ".join(sorted(config.credentials)[:20])
@@ -268,8 +224,8 @@ class ProxyServer:
         self._sites.clear()
         # Stop accepting on open connections too: idle ones close now, busy ones after
         # their answer, and a request that still arrives gets 503 listener-closed.
-        self.forwarder.settings = replace(self.forwarder.settings, listening=frozenset())
-        self._close_connections(keep=frozenset())
+        self.forwarder.settings = replace(self.forwarder.settings, roles={})
+        self._server.close_connections({})
         log.info("listeners closed; %d requests in flight", self.metrics.in_flight)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.forwarder.drained.wait(), self.config.shutdown_timeout)
@@ -278,18 +234,14 @@ class ProxyServer:
                         self.metrics.in_flight, self.config.shutdown_timeout)
         await self._close()
 
-    def _listening(self) -> frozenset[int]:
-        """The ports the listeners are bound to now."""
-        return frozenset(_bound_port(site) for site in self._sites.values())
-
-    def _close_connections(self, keep: frozenset[int]) -> None:
-        """Close client connections to any port not in ``keep``: idle ones at once, busy
-        ones once their current answer is written."""
-        for handler in self._runner.server.connections if self._runner.server else []:
-            transport = handler.transport
-            if (isinstance(handler, _RequestHandler) and transport is not None
-                    and transport.get_extra_info("sockname")[1] not in keep):
-                handler.close_soon()
+    def _roles(self, config: Config) -> Roles:
+        """What each listener's port means now: the main listener, or a set's own."""
+        host = config.listen.host
+        roles = {_bound_port(self._sites[(host, config.listen.port)]): ""}
+        for name, cred in config.credentials.items():
+            if cred.port is not None:
+                roles[_bound_port(self._sites[(host, cred.port)])] = name
+        return roles
 
     async def _close(self) -> None:
         await self._runner.cleanup()  # stops the listeners, then waits for handlers

@@ -52,6 +52,7 @@ from .headers import CREDENTIALS_HEADER, client_response_headers, upstream_reque
 from .logs import access_log
 from .metrics import Metrics
 from .routing import Router
+from .server import Connection, Roles
 from .tokens import Token, Tokens, TokenSource
 from .upstream import Response, UpstreamError, UpstreamPool, request_head
 
@@ -73,10 +74,10 @@ class Settings:
     router: Router
     path_prefix: str  # the path of upstream.api_url, if it has one
     timeout: float
-    listening: frozenset[int]  # the ports of this configuration's listeners, as bound
+    roles: Roles  # the listeners' bound ports and what each means
 
     @classmethod
-    def from_config(cls, config: Config, listening: frozenset[int] = frozenset()) -> Settings:
+    def from_config(cls, config: Config, roles: Roles | None = None) -> Settings:
         up = config.upstream
         return cls(
             config=config,
@@ -84,7 +85,7 @@ class Settings:
                           config.dedicated_ports()),
             path_prefix=urlsplit(up.api_url).path.rstrip("/"),
             timeout=up.timeout,
-            listening=listening,
+            roles=roles or {},
         )
 
 
@@ -281,16 +282,15 @@ class Forwarder:
 
     async def _forward(self, request: web.BaseRequest, settings: Settings,
                        exchange: Exchange) -> web.StreamResponse:
-        transport = request.transport
-        port = transport.get_extra_info("sockname")[1] if transport is not None else None
-        if port not in settings.listening:
-            # A keep-alive connection to a listener that a reload or shutdown closed: its
-            # port may have belonged to a set, and the default set must not stand in.
-            raise ListenerClosed("this connection's listener was closed by a reload or "
-                                 "shutdown; reconnect")
-        route = settings.router.resolve(
-            request.method, request.raw_path, request.headers.getall(CREDENTIALS_HEADER, []), port
-        )
+        conn = request.protocol
+        if (not isinstance(conn, Connection) or conn.port is None or conn.role is None
+                or settings.roles.get(conn.port) != conn.role):
+            # A keep-alive connection from before a reload or shutdown that closed its
+            # listener or gave its port another set: no other set may stand in.
+            raise ListenerClosed("this connection's listener was closed or changed by a "
+                                 "reload or shutdown; reconnect")
+        route = settings.router.resolve(request.method, request.raw_path,
+                                        request.headers.getall(CREDENTIALS_HEADER, []), conn.port)
         exchange.set_name = route.set_name
         source = self.tokens.source(route.set_name)
         body = await self._body(request, settings)

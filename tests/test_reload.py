@@ -202,7 +202,7 @@ async def test_a_request_over_a_closed_listeners_connection_gets_503_and_a_close
     # The moment between a reload and the closing of the connections it retired.
     fake, url = bol
     server = await start_proxy(base_config(url))
-    server.forwarder.settings = replace(server.forwarder.settings, listening=frozenset())
+    server.forwarder.settings = replace(server.forwarder.settings, roles={})
     status, headers, body = split_response(
         await raw_request(server.port(), b"GET /retailer/orders HTTP/1.1\r\nHost: proxy\r\n\r\n"))
     assert status == 503
@@ -266,3 +266,32 @@ async def test_a_reloaded_shutdown_timeout_applies_to_the_next_stop(
     assert loop.time() - started < 2.5  # 1 s, not 30
     with pytest.raises(aiohttp.ClientError):
         await asyncio.wait_for(pending, 5)
+
+
+@pytest.mark.parametrize("becomes", ["main", "other-set"])
+async def test_a_connection_to_a_port_that_a_reload_gives_another_role_is_closed(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, becomes: str,
+) -> None:
+    # The port stays a listener, but no longer means set b: an open connection to it
+    # must not carry on with the default set's or set a's token.
+    fake, url = bol
+    raw = base_config(url, default_credentials="seta")
+    port = free_port()
+    raw["credentials"]["setb"]["port"] = port
+    server = await start_proxy(raw)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert (await one_answer(reader, writer)).startswith(b"HTTP/1.1 200")
+        del raw["credentials"]["setb"]["port"]
+        if becomes == "main":
+            raw["listen"]["port"] = port
+        else:
+            raw["credentials"]["seta"]["port"] = port
+        await server.reload(validate(raw))
+        assert await one_answer(reader, writer) == b""  # closed by the reload
+    finally:
+        writer.close()
+    assert [seen.client_id for seen in fake.api_requests] == ["client-b"]
+    async with aiohttp.ClientSession() as http:  # a new connection gets the new meaning
+        assert await status(http, port) == 200
+    assert fake.api_requests[-1].client_id == DEMO_CLIENT_ID
