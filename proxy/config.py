@@ -39,6 +39,8 @@ class _Loader(_SafeLoader):  # type: ignore[misc,valid-type]
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *anchor": keys given beside it override what it merges
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen

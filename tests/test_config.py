@@ -616,3 +616,11 @@ def test_a_duration_beyond_a_week_is_rejected(key: str) -> None:
     raw = with_(**({section: {name: "1e300"}} if section else {name: "1e300"}))
     with pytest.raises(ConfigError, match=rf"{key}: must be at most 604800"):
         validate(raw)
+
+
+def test_a_merge_key_with_overrides_beside_it_is_not_a_duplicate(tmp_path: Path) -> None:
+    text = ("credentials:\n  acme: &common\n    client_id: abc\n    client_secret: def\n"
+            "  shop2:\n    <<: *common\n    client_id: other\n")
+    config = load_file(write(tmp_path, text), env={})
+    assert config.credentials["shop2"].client_id == "other"
+    assert config.credentials["shop2"].client_secret.reveal() == "def"
