@@ -19,7 +19,6 @@ import logging
 import random
 import ssl
 from collections.abc import Callable
-from dataclasses import replace
 
 import aiohttp
 from aiohttp import http_parser, web
@@ -125,7 +124,7 @@ class ProxyServer:
                                   self._authorisation_expiry)
         server = self._server = Server(
             self._handle,
-            roles=lambda: self.forwarder.settings.roles,
+            roles=lambda: self.forwarder.roles,
             handler_cancellation=True,  # a vanished client cancels its upstream exchange
             access_log=None,  # the forwarder writes a cheaper line of its own
             keepalive_timeout=KEEPALIVE,
@@ -137,11 +136,10 @@ class ProxyServer:
         self._runner = web.ServerRunner(server, shutdown_timeout=CANCEL_GRACE)
         await self._runner.setup()
         try:
-            await self._listen(config)
+            await self._listen(config, publish=True)
         except BaseException:
             await self._close()
             raise
-        self.forwarder.settings = Settings.from_config(config, self._roles(config))
         # Only once listening: a proxy that cannot start must not spend token requests.
         self.tokens.start()
 
@@ -175,9 +173,13 @@ class ProxyServer:
         wanted = config.listen.port if name is None else config.credentials[name].port
         return _bound_port(self._sites[(config.listen.host, wanted or 0)])
 
-    async def _listen(self, config: Config) -> None:
+    async def _listen(self, config: Config, publish: bool = False) -> None:
+        """Open the listeners ``config`` wants and close the others. With ``publish`` (at
+        start, when the forwarder already routes by ``config``) each new port gets its
+        role as soon as it listens; a reload publishes them once its settings apply."""
         host = config.listen.host
-        wanted = {(host, config.listen.port)} | {(host, p) for p in config.dedicated_ports()}
+        dedicated = config.dedicated_ports()
+        wanted = {(host, config.listen.port)} | {(host, p) for p in dedicated}
         started: list[tuple[str, int]] = []
         try:
             for key in sorted(wanted - self._sites.keys()):
@@ -185,6 +187,8 @@ class ProxyServer:
                 await site.start()
                 self._sites[key] = site
                 started.append(key)
+                if publish:
+                    self.forwarder.roles[_bound_port(site)] = dedicated.get(key[1], "")
         except OSError:
             for key in started:
                 await self._sites.pop(key).stop()
@@ -205,9 +209,12 @@ class ProxyServer:
         if (old_up.api_url, old_up.connect_timeout) != (new_up.api_url, new_up.connect_timeout):
             retired, self.forwarder.pool = self.forwarder.pool, upstream_pool(config)
             retired.retire()  # in-flight answers finish on their connections
-        self.forwarder.settings = Settings.from_config(config, self._roles(config))
+        self.forwarder.settings = Settings.from_config(config)
+        roles = self.forwarder.roles
+        roles.clear()
+        roles.update(self._roles(config))
         # Connections to a port that is gone, or now means another set, or no set.
-        self._server.close_connections(self.forwarder.settings.roles)
+        self._server.close_connections(roles)
         await self.forwarder.tokens.apply(config)
         self.config = config
         names = ", ".join(sorted(config.credentials)[:20])
@@ -224,7 +231,7 @@ class ProxyServer:
         self._sites.clear()
         # Stop accepting on open connections too: idle ones close now, busy ones after
         # their answer, and a request that still arrives gets 503 listener-closed.
-        self.forwarder.settings = replace(self.forwarder.settings, roles={})
+        self.forwarder.roles.clear()
         self._server.close_connections({})
         log.info("listeners closed; %d requests in flight", self.metrics.in_flight)
         with contextlib.suppress(TimeoutError):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import struct
 import time
@@ -52,7 +53,7 @@ from .headers import CREDENTIALS_HEADER, client_response_headers, upstream_reque
 from .logs import access_log
 from .metrics import Metrics
 from .routing import Router
-from .server import Connection, Roles
+from .server import Connection
 from .tokens import Token, Tokens, TokenSource
 from .upstream import Response, UpstreamError, UpstreamPool, request_head
 
@@ -74,10 +75,9 @@ class Settings:
     router: Router
     path_prefix: str  # the path of upstream.api_url, if it has one
     timeout: float
-    roles: Roles  # the listeners' bound ports and what each means
 
     @classmethod
-    def from_config(cls, config: Config, roles: Roles | None = None) -> Settings:
+    def from_config(cls, config: Config) -> Settings:
         up = config.upstream
         return cls(
             config=config,
@@ -85,7 +85,6 @@ class Settings:
                           config.dedicated_ports()),
             path_prefix=urlsplit(up.api_url).path.rstrip("/"),
             timeout=up.timeout,
-            roles=roles or {},
         )
 
 
@@ -184,10 +183,13 @@ async def read_body(request: web.BaseRequest, max_size: int, replay_size: int) -
     return Body(None, request.content, prefix=b"".join(parts), limit=max_size)
 
 
+_REASON = re.compile("[\t\x20-\x7e]*")  # what aiohttp can write back as it came
+
+
 def _reason(phrase: str) -> str | None:
-    """bol's reason phrase, if aiohttp can write it back as it came (ASCII); else the
-    standard phrase of the status (clients ignore it: RFC 9112 §4)."""
-    return phrase if phrase.isascii() else None
+    """bol's reason phrase, if it is printable ASCII; else the standard phrase of the
+    status (clients ignore it: RFC 9112 §4)."""
+    return phrase if _REASON.fullmatch(phrase) else None
 
 
 def reset(transport: asyncio.BaseTransport) -> None:
@@ -222,6 +224,18 @@ class Forwarder:
         self.metrics = metrics
         self.drained = asyncio.Event()  # set while no request is in flight
         self.drained.set()
+        # What each listening port means now (see proxy.server); kept by ProxyServer.
+        self.roles: dict[int, str] = {}
+
+    def current(self, conn: object) -> bool:
+        """Whether a client connection still means what it meant when it came in."""
+        if not isinstance(conn, Connection) or conn.port is None:
+            return False
+        if conn.role is None:
+            # Accepted in the moment between a listener opening and its meaning being
+            # published (start, reload): it takes the meaning its port has now.
+            conn.role = self.roles.get(conn.port)
+        return conn.role is not None and self.roles.get(conn.port) == conn.role
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """aiohttp handler for every path that is not the proxy's own."""
@@ -232,6 +246,8 @@ class Forwarder:
         self.drained.clear()
         try:
             response = await self._answer(request, exchange)
+            if not self.current(request.protocol):
+                response.force_close()  # a reload or shutdown retired this connection
             try:
                 # Sent here, not by aiohttp once this returns: the client has its answer
                 # before the metrics and the access line are written, not after.
@@ -283,14 +299,14 @@ class Forwarder:
     async def _forward(self, request: web.BaseRequest, settings: Settings,
                        exchange: Exchange) -> web.StreamResponse:
         conn = request.protocol
-        if (not isinstance(conn, Connection) or conn.port is None or conn.role is None
-                or settings.roles.get(conn.port) != conn.role):
+        if not self.current(conn):
             # A keep-alive connection from before a reload or shutdown that closed its
             # listener or gave its port another set: no other set may stand in.
             raise ListenerClosed("this connection's listener was closed or changed by a "
                                  "reload or shutdown; reconnect")
         route = settings.router.resolve(request.method, request.raw_path,
-                                        request.headers.getall(CREDENTIALS_HEADER, []), conn.port)
+                                        request.headers.getall(CREDENTIALS_HEADER, []),
+                                        cast(Connection, conn).port)
         exchange.set_name = route.set_name
         source = self.tokens.source(route.set_name)
         body = await self._body(request, settings)

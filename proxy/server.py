@@ -4,8 +4,8 @@
   was accepted: the main listener (``""``) or a set's dedicated one (the set's name). A
   reload can give that port another role or none; the forwarder then refuses the
   connection's requests instead of letting another set stand in (SPEC §4).
-* :meth:`Connection.close_soon` closes an idle connection at once and a busy one after
-  its answer (aiohttp's ``close()`` leaves an idle connection open but deaf).
+* :meth:`Connection.close_if_idle` closes an idle connection at once (aiohttp's
+  ``close()`` leaves it open but deaf, and stops reading a busy one's request body).
 * When the C parser gives up in the middle of a request body (chunk framing broken
   after the body began to stream), aiohttp queues a 400 for after the current request
   but leaves that request's body unfinished, so the handler reading it would wait until
@@ -61,13 +61,13 @@ class Connection(RequestHandler):
                 body.set_exception(BadRequest("the request body's framing is broken"))
                 body.feed_eof()  # ended: aiohttp must not linger reading it after the 400
 
-    def close_soon(self) -> None:
+    def close_if_idle(self) -> None:
         """Close now if idle between requests (as aiohttp's own keep-alive check tells
-        idleness), else once the answer being written is done."""
+        idleness). A busy connection is left alone: aiohttp's ``close()`` would stop
+        reading a request body still on its way; the forwarder closes it after its
+        answer instead."""
         if self._waiter is not None and not self._waiter.done():
             self.force_close()
-        else:
-            self.close()
 
 
 class Server(web.Server):
@@ -82,8 +82,9 @@ class Server(web.Server):
         return Connection(self, loop=self._loop, **self._kwargs)
 
     def close_connections(self, roles: Roles) -> None:
-        """Close the connections whose port has another role in ``roles``, or none."""
+        """Close the idle connections whose port has another role in ``roles``, or none;
+        the forwarder closes the busy ones after their answers."""
         for conn in self.connections:
             if isinstance(conn, Connection) and (conn.port is None or conn.role is None
                                                  or roles.get(conn.port) != conn.role):
-                conn.close_soon()
+                conn.close_if_idle()

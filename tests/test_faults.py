@@ -584,8 +584,9 @@ async def test_small_upstream_body_cut_short_is_a_clean_502(
 
 
 @pytest.mark.parametrize(("sent", "passed"), [(b"Fine By Me", b"Fine By Me"),
-                                             (b"Caf\xc3\xa9 \xff", b"OK")],
-                         ids=["ascii-unchanged", "non-ascii-standard"])
+                                             (b"Caf\xc3\xa9 \xff", b"OK"),
+                                             (b"OK\x00X", b"OK"), (b"O\x7fK", b"OK")],
+                         ids=["ascii-unchanged", "non-ascii", "nul", "delete"])
 async def test_the_reason_phrase_passes_unchanged_or_becomes_the_standard_one(
     bol: tuple[FakeBol, str], start_proxy: StartProxy, raw_upstream: StartRawUpstream,
     sent: bytes, passed: bytes,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import replace
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.app import ProxyServer
 from proxy.config import validate
 from proxy.demo import DEMO_CLIENT_ID, FakeBol
 from proxy.errors import ConfigError
@@ -20,6 +20,7 @@ from tests.conftest import (
     free_port,
     raw_request,
     split_response,
+    wait_until,
 )
 
 
@@ -202,7 +203,7 @@ async def test_a_request_over_a_closed_listeners_connection_gets_503_and_a_close
     # The moment between a reload and the closing of the connections it retired.
     fake, url = bol
     server = await start_proxy(base_config(url))
-    server.forwarder.settings = replace(server.forwarder.settings, roles={})
+    server.forwarder.roles.clear()
     status, headers, body = split_response(
         await raw_request(server.port(), b"GET /retailer/orders HTTP/1.1\r\nHost: proxy\r\n\r\n"))
     assert status == 503
@@ -295,3 +296,73 @@ async def test_a_connection_to_a_port_that_a_reload_gives_another_role_is_closed
     async with aiohttp.ClientSession() as http:  # a new connection gets the new meaning
         assert await status(http, port) == 200
     assert fake.api_requests[-1].client_id == DEMO_CLIENT_ID
+
+
+@pytest.mark.parametrize("event", ["stop", "reload"])
+async def test_a_body_still_arriving_when_stop_or_reload_retires_its_connection_arrives_whole(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, event: str,
+) -> None:
+    fake, url = bol
+    raw = base_config(url, shutdown_timeout=5)
+    server = await start_proxy(raw)
+    body = b"b" * 400_000
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port())
+    try:
+        writer.write(b"PUT /retailer/offers/1 HTTP/1.1\r\nHost: proxy\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:200_000])
+        await writer.drain()
+        await wait_until(lambda: server.metrics.in_flight == 1)
+        loop = asyncio.get_running_loop()
+        if event == "stop":
+            retiring = loop.create_task(server.stop())
+        else:
+            raw["listen"]["port"] = free_port()  # the connection's port goes away
+            await server.reload(validate(raw))
+        writer.write(body[200_000:])
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.read()  # and then the connection closes
+        if event == "stop":
+            await asyncio.wait_for(retiring, 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"Connection: close" in head
+    assert [len(seen.body) for seen in fake.api_requests] == [len(body)]
+
+
+async def test_a_connection_accepted_while_the_proxy_still_opens_listeners_is_served(
+    bol: tuple[FakeBol, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The main listener opens first; a tool may use it before the set ports are open.
+    _, url = bol
+    raw = base_config(url)
+    raw["credentials"]["setb"]["port"] = free_port()
+    ports: list[int] = []
+    go_on = asyncio.Event()
+    original = web.TCPSite.start
+
+    async def wait_then_start(site: web.TCPSite) -> None:
+        if ports:  # the main listener is open: hold the set's until the test is done
+            await go_on.wait()
+        await original(site)
+        assert site._server is not None and hasattr(site._server, "sockets")
+        ports.append(site._server.sockets[0].getsockname()[1])
+
+    monkeypatch.setattr(web.TCPSite, "start", wait_then_start)
+    server = ProxyServer(validate(raw))
+    loop = asyncio.get_running_loop()
+    starting = loop.create_task(server.start())
+    try:
+        await wait_until(lambda: bool(ports))
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports[0])
+        try:
+            answer = await one_answer(reader, writer)
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 200")
+        go_on.set()
+        await asyncio.wait_for(starting, 5)
+    finally:
+        go_on.set()
+        await server.stop()
