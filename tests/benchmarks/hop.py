@@ -12,13 +12,14 @@ any aiohttp hop costs on this machine and what bol-proxy adds to it.
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 
 from aiohttp import web
 
 from proxy.__main__ import loop_factory
 from proxy.upstream import UpstreamPool, request_head
+
+from .upstream import serve_until_signalled
 
 
 async def serve(upstream: str, port: int) -> None:
@@ -36,20 +37,10 @@ async def serve(upstream: str, port: int) -> None:
                             headers=[(k.decode(), v.decode()) for k, v in answer.raw_headers
                                      if k.lower() != b"content-length"])
 
-    runner = web.ServerRunner(web.Server(relay, access_log=None, keepalive_timeout=75.0))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
-    await site.start()
-    server = site._server
-    assert server is not None and hasattr(server, "sockets")
-    print(server.sockets[0].getsockname()[1], flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await serve_until_signalled(
+            web.ServerRunner(web.Server(relay, access_log=None, keepalive_timeout=75.0)), port)
     finally:
-        await runner.cleanup()
         await pool.close()
 
 

@@ -9,7 +9,7 @@ needs valgrind (``apt-get install -y valgrind``) and takes about a minute.
 It starts the imitation of bol (not counted), then bol-proxy (default log level) and the
 minimal aiohttp hop (``hop.py``), one after the other, under callgrind with counting
 off. After 100 warm-up requests it counts the instructions of N sequential GETs of
-``/retailer/orders`` on one keep-alive connection, 2 ms apart, and prints instructions
+``/retailer/orders`` on one keep-alive connection, and prints instructions
 per request and the ratio of bol-proxy to the hop measured in the same run. Only user
 space is counted: system calls are the kernel's work and waiting is none.
 """
@@ -54,7 +54,6 @@ async def requests(port: int, count: int) -> None:
         for _ in range(count):
             if await conn.request(data) != 200:
                 raise BenchError(f"port {port} answered an error")
-            await asyncio.sleep(0.002)  # each request finds the process idle, as at low rates
     finally:
         conn.close()
 

@@ -143,10 +143,16 @@ def _client_id(authorization: str) -> str:
 
 
 async def serve(expires_in: int, verify_tokens: bool) -> None:
-    runner = web.AppRunner(Upstream(expires_in, verify_tokens).app(), access_log=None,
-                           handler_cancellation=True, keepalive_timeout=75.0)
+    await serve_until_signalled(web.AppRunner(
+        Upstream(expires_in, verify_tokens).app(), access_log=None,
+        handler_cancellation=True, keepalive_timeout=75.0))
+
+
+async def serve_until_signalled(runner: web.BaseRunner, port: int = 0) -> None:
+    """Serve ``runner`` on 127.0.0.1, print the bound port on stdout (the harness reads
+    it), and run until SIGTERM or SIGINT."""
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
     await site.start()
     server = site._server
     assert server is not None and hasattr(server, "sockets")
