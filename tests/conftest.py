@@ -154,21 +154,30 @@ def free_port() -> int:
     return port
 
 
-async def raw_request(port: int, data: bytes, seconds: float = 5.0) -> bytes:
-    """Write ``data`` to the proxy and return all it answers until it closes the connection."""
+@contextlib.asynccontextmanager
+async def connected(port: int) -> AsyncIterator[tuple[asyncio.StreamReader,
+                                                      asyncio.StreamWriter]]:
+    """A raw client connection to 127.0.0.1:``port``, closed when the block ends."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    received = bytearray()
     try:
-        writer.write(data)
-        async with asyncio.timeout(seconds):
-            while chunk := await reader.read(65536):
-                received += chunk
-    except ConnectionResetError:
-        pass  # a server may reset after answering a request whose body it did not read
+        yield reader, writer
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+async def raw_request(port: int, data: bytes, seconds: float = 5.0) -> bytes:
+    """Write ``data`` to the proxy and return all it answers until it closes the connection."""
+    received = bytearray()
+    async with connected(port) as (reader, writer):
+        writer.write(data)
+        try:
+            async with asyncio.timeout(seconds):
+                while chunk := await reader.read(65536):
+                    received += chunk
+        except ConnectionResetError:
+            pass  # a server may reset after answering a request whose body it did not read
     return bytes(received)
 
 

@@ -25,6 +25,7 @@ from tests.conftest import (
     SECRET_B,
     StartProxy,
     base_config,
+    connected,
     free_port,
     problem,
     raw_request,
@@ -221,8 +222,7 @@ async def test_chunk_framing_broken_mid_body_is_400_at_once(
         api_url = f"http://127.0.0.1:{upstream.sockets[0].getsockname()[1]}"
         server = await start_proxy(base_config(url, upstream={"api_url": api_url, "timeout": 60},
                                                limits={"replay_buffer": 1024 if streamed else MB}))
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port())
-        try:
+        async with connected(server.port()) as (reader, writer):
             writer.write(b"POST /retailer/upload HTTP/1.1\r\nHost: proxy\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n1000\r\n" + b"a" * 4096 + b"\r\n")
             await writer.drain()
@@ -233,10 +233,6 @@ async def test_chunk_framing_broken_mid_body_is_400_at_once(
             writer.write(b"zz\r\nnot a chunk\r\n")
             async with asyncio.timeout(5):
                 raw = await reader.read()
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
         status, _, body = split_response(raw)
         assert status == 400
         assert json.loads(body)["type"] == "urn:bol-proxy:bad-request"
@@ -332,8 +328,7 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent(
 ) -> None:
     fake, url = bol
     server = await start_proxy(base_config(url, limits={"replay_buffer": 1024}))
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port())
-    try:
+    async with connected(server.port()) as (reader, writer):
         writer.write(b"PUT /retailer/offers/1 HTTP/1.1\r\nHost: proxy\r\nExpect: 100-continue\r\n"
                      b"Content-Length: %d\r\nConnection: close\r\n\r\n" % size)
         async with asyncio.timeout(3):  # a client that waits for it is not left waiting
@@ -341,10 +336,6 @@ async def test_expect_100_continue_is_answered_before_the_body_is_sent(
         writer.write(b"x" * size)
         async with asyncio.timeout(5):
             answer = await reader.read()
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
     assert split_response(answer)[0] == 200
     (seen,) = fake.api_requests
     assert seen.body == b"x" * size
@@ -524,18 +515,13 @@ async def test_an_http10_client_sees_a_reset_not_a_clean_end_when_bol_breaks_off
     upstream = await raw_upstream(_short_chunked)
     server = await start_proxy(base_config(url, upstream={"api_url": upstream}))
     caplog.set_level(logging.INFO, logger="proxy.access")
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port())
     received = b""
-    try:
+    async with connected(server.port()) as (reader, writer):
         writer.write(b"GET /retailer/orders HTTP/1.0\r\nHost: proxy\r\n\r\n")
         with pytest.raises(ConnectionResetError):
             async with asyncio.timeout(3):
                 while chunk := await reader.read(65536):
                     received += chunk
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
     assert received.startswith(b"HTTP/1.0 200") or received == b""
     line = next(r.getMessage() for r in caplog.records if r.name == "proxy.access")
     assert " 502 " in line and "error=upstream-failed-mid-body" in line

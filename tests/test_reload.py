@@ -17,6 +17,7 @@ from tests.conftest import (
     SECRET_B,
     StartProxy,
     base_config,
+    connected,
     free_port,
     raw_request,
     split_response,
@@ -28,6 +29,21 @@ async def status(http: aiohttp.ClientSession, port: int, path: str = "/retailer/
     async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
         await resp.read()
         return resp.status
+
+
+def endless(fake: FakeBol) -> asyncio.Event:
+    """Give bol a ``/retailer/endless`` that never answers; the event is set once a
+    request is waiting on it, which keeps a request in flight for as long as a test
+    needs (stop() then waits its shutdown_timeout)."""
+    entered = asyncio.Event()
+
+    async def never_answer(request: web.Request) -> web.Response:
+        entered.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    fake.extra["/retailer/endless"] = never_answer
+    return entered
 
 
 async def test_added_set_works_and_removed_set_stops_without_a_restart(
@@ -140,14 +156,7 @@ async def test_stop_gives_in_flight_requests_the_shutdown_timeout_once_not_twice
     bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
 ) -> None:
     fake, url = bol
-    entered = asyncio.Event()
-
-    async def endless(request: web.Request) -> web.Response:
-        entered.set()
-        await asyncio.Event().wait()  # never answers
-        raise AssertionError("unreachable")
-
-    fake.extra["/retailer/endless"] = endless
+    entered = endless(fake)
     server = await start_proxy(base_config(url, shutdown_timeout=2))
     pending = asyncio.get_running_loop().create_task(
         status(http, server.port(), "/retailer/endless"))
@@ -185,15 +194,12 @@ async def test_a_connection_to_a_port_a_reload_retired_never_falls_back_to_the_d
     raw = base_config(url)
     raw["credentials"]["setb"]["port"] = free_port()
     server = await start_proxy(raw)
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port("setb"))
-    try:
+    async with connected(server.port("setb")) as (reader, writer):
         assert (await one_answer(reader, writer)).startswith(b"HTTP/1.1 200")
         assert fake.api_requests[-1].client_id == "client-b"
         raw["credentials"]["setb"]["port"] = free_port()
         await server.reload(validate(raw))
         assert await one_answer(reader, writer) == b""  # closed by the reload
-    finally:
-        writer.close()
     assert len(fake.api_requests) == 1
 
 
@@ -216,17 +222,9 @@ async def test_stop_closes_idle_connections_at_once_and_refuses_new_requests(
     bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
 ) -> None:
     fake, url = bol
-    entered = asyncio.Event()
-
-    async def endless(request: web.Request) -> web.Response:
-        entered.set()
-        await asyncio.Event().wait()  # never answers: stop() waits its shutdown_timeout
-        raise AssertionError("unreachable")
-
-    fake.extra["/retailer/endless"] = endless
+    entered = endless(fake)
     server = await start_proxy(base_config(url, shutdown_timeout=2))
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port())
-    try:
+    async with connected(server.port()) as (reader, writer):
         assert (await one_answer(reader, writer)).startswith(b"HTTP/1.1 200")
         loop = asyncio.get_running_loop()
         pending = loop.create_task(status(http, server.port(), "/retailer/endless"))
@@ -237,8 +235,6 @@ async def test_stop_closes_idle_connections_at_once_and_refuses_new_requests(
         await asyncio.wait_for(stopping, 5)
         with pytest.raises(aiohttp.ClientError):
             await asyncio.wait_for(pending, 5)
-    finally:
-        writer.close()
     assert [seen.target for seen in fake.api_requests] == ["/retailer/orders",
                                                            "/retailer/endless"]
 
@@ -247,14 +243,7 @@ async def test_a_reloaded_shutdown_timeout_applies_to_the_next_stop(
     bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
 ) -> None:
     fake, url = bol
-    entered = asyncio.Event()
-
-    async def endless(request: web.Request) -> web.Response:
-        entered.set()
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    fake.extra["/retailer/endless"] = endless
+    entered = endless(fake)
     raw = base_config(url, shutdown_timeout=30)
     server = await start_proxy(raw)
     raw["shutdown_timeout"] = 1
@@ -280,8 +269,7 @@ async def test_a_connection_to_a_port_that_a_reload_gives_another_role_is_closed
     port = free_port()
     raw["credentials"]["setb"]["port"] = port
     server = await start_proxy(raw)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
+    async with connected(port) as (reader, writer):
         assert (await one_answer(reader, writer)).startswith(b"HTTP/1.1 200")
         del raw["credentials"]["setb"]["port"]
         if becomes == "main":
@@ -290,8 +278,6 @@ async def test_a_connection_to_a_port_that_a_reload_gives_another_role_is_closed
             raw["credentials"]["seta"]["port"] = port
         await server.reload(validate(raw))
         assert await one_answer(reader, writer) == b""  # closed by the reload
-    finally:
-        writer.close()
     assert [seen.client_id for seen in fake.api_requests] == ["client-b"]
     async with aiohttp.ClientSession() as http:  # a new connection gets the new meaning
         assert await status(http, port) == 200
@@ -306,8 +292,7 @@ async def test_a_body_still_arriving_when_stop_or_reload_retires_its_connection_
     raw = base_config(url, shutdown_timeout=5)
     server = await start_proxy(raw)
     body = b"b" * 400_000
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port())
-    try:
+    async with connected(server.port()) as (reader, writer):
         writer.write(b"PUT /retailer/offers/1 HTTP/1.1\r\nHost: proxy\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:200_000])
         await writer.drain()
@@ -324,8 +309,6 @@ async def test_a_body_still_arriving_when_stop_or_reload_retires_its_connection_
             await reader.read()  # and then the connection closes
         if event == "stop":
             await asyncio.wait_for(retiring, 5)
-    finally:
-        writer.close()
     assert head.startswith(b"HTTP/1.1 200")
     assert b"Connection: close" in head
     assert [len(seen.body) for seen in fake.api_requests] == [len(body)]
@@ -355,11 +338,8 @@ async def test_a_connection_accepted_while_the_proxy_still_opens_listeners_is_se
     starting = loop.create_task(server.start())
     try:
         await wait_until(lambda: bool(ports))
-        reader, writer = await asyncio.open_connection("127.0.0.1", ports[0])
-        try:
+        async with connected(ports[0]) as (reader, writer):
             answer = await one_answer(reader, writer)
-        finally:
-            writer.close()
         assert answer.startswith(b"HTTP/1.1 200")
         go_on.set()
         await asyncio.wait_for(starting, 5)
