@@ -243,12 +243,9 @@ class ProxyServer:
 
     def _roles(self, config: Config) -> Roles:
         """What each listener's port means now: the main listener, or a set's own."""
-        host = config.listen.host
-        roles = {_bound_port(self._sites[(host, config.listen.port)]): ""}
-        for name, cred in config.credentials.items():
-            if cred.port is not None:
-                roles[_bound_port(self._sites[(host, cred.port)])] = name
-        return roles
+        dedicated = config.dedicated_ports()
+        return {_bound_port(site): dedicated.get(port, "") for (_, port), site in
+                self._sites.items()}
 
     async def _close(self) -> None:
         await self._runner.cleanup()  # stops the listeners, then waits for handlers
