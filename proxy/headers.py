@@ -47,6 +47,14 @@ _NOT_FORWARDED_UP = HOP_BY_HOP | {istr("Host"), istr("Authorization"), istr("Exp
 _HOP_BY_HOP_LOWER = frozenset(name.lower() for name in HOP_BY_HOP)
 _NOT_FORWARDED_UP_LOWER = frozenset(name.lower() for name in _NOT_FORWARDED_UP)
 
+# Headers that make some server or framework behind a hop read another path or method
+# than the request line says (IIS/Symfony's URL rewrites, method overrides). No tool needs
+# them to talk to bol, and forwarding them would let a request mean two things at once.
+_REINTERPRETING = frozenset({"x-original-url", "x-rewrite-url", "x-http-method-override",
+                             "x-http-method", "x-method-override"})
+# Names a server may fold "_" into "-" for (CGI-style environments do): a look-alike of a
+# header the proxy treats specially would reach such a server as the real one.
+_FOLDED_SPECIAL = _NOT_FORWARDED_UP_LOWER | {"content-length", "content-type"} | _REINTERPRETING
 
 
 # What aiohttp cannot write back as it read it: bytes that are not UTF-8 arrive as lone
@@ -71,13 +79,26 @@ def upstream_request_headers(incoming: CIMultiDictProxy[str], bearer: str
     drop = _NOT_FORWARDED_UP_LOWER
     if "Connection" in incoming:
         drop = drop | connection_listed(incoming.getall("Connection"))
-    out = [(name, value) for name, value in incoming.items() if name.lower() not in drop]
+    out = []
+    for name, value in incoming.items():
+        lowered = name.lower()
+        if lowered in drop:
+            continue
+        if lowered in _REINTERPRETING or ("_" in lowered and _folds_to_special(lowered)):
+            raise BadRequest(f"the header {name[:64]} is not forwarded: a server behind "
+                             "bol's edge could read it as another path, method or framing")
+        out.append((name, value))
     # One scan of everything that goes out (a tab, allowed in values, separates them).
     if _UNWRITABLE.search("\t".join(chain.from_iterable(out))):
         raise BadRequest("a request header holds bytes that are not UTF-8 and cannot be "
                          "forwarded unchanged")
     out.append(("Authorization", "Bearer " + bearer))
     return out
+
+
+def _folds_to_special(lowered: str) -> bool:
+    """``Transfer_Encoding`` and the like: CGI-style servers fold "_" into "-"."""
+    return lowered.replace("_", "-") in _FOLDED_SPECIAL
 
 
 def client_response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:

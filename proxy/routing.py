@@ -8,7 +8,10 @@ A proxy that holds credentials must forward exactly what it is meant to. The rul
   could normalise into a different path is refused instead of being normalised here:
   dot segments (also ``%2e``-encoded), encoded ``/`` or ``\\``, backslashes, ``;`` path
   parameters (``..;``), empty segments (``//host``), control bytes, non-ASCII and broken
-  ``%`` escapes.
+  ``%`` escapes. Percent escapes in the path must decode to UTF-8 that no hop reads
+  differently: no overlong or broken sequences (``%c0%ae``), no encoded ``%`` (double
+  encoding, ``%252e``), no whitespace (``..%20``, which some servers trim), and nothing
+  Unicode compatibility normalisation changes (full-width dots, ``%ef%bc%8e``).
 * The path must lie under one of ``upstream.allowed_paths``, matched on whole segments.
 * The credential set comes from (SPEC §4) the listener's dedicated port, a first path
   segment naming a set, the ``X-Bol-Credentials`` header, then ``default_credentials``.
@@ -19,8 +22,10 @@ A proxy that holds credentials must forward exactly what it is meant to. The rul
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
 
 from .errors import BadRequest, MethodNotAllowed, NotFound, UnknownCredentials
 
@@ -28,7 +33,8 @@ REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 _HEX = frozenset("0123456789abcdefABCDEF")
 _NOT_VISIBLE = re.compile("[^!-~]")  # anything but visible ASCII
 # Escapes that decode to a separator, a NUL/control byte or a dot (checked separately).
-_BAD_ESCAPES = frozenset({"2f", "5c", "3b"} | {f"{i:02x}" for i in range(0x20)} | {"7f"})
+# An encoded "%" is double encoding: the next hop that decodes once more sees another path.
+_BAD_ESCAPES = frozenset({"2f", "5c", "3b", "25"} | {f"{i:02x}" for i in range(0x20)} | {"7f"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +67,22 @@ def check_target(target: str) -> tuple[str, str]:
         for segment in path.split("/"):
             if segment.replace("%2e", ".").replace("%2E", ".") in (".", ".."):
                 raise BadRequest("the path holds a dot segment")
+    if "%" in path:
+        _check_decoded(path)
     return path, sep + query
+
+
+def _check_decoded(path: str) -> None:
+    """Refuse escapes whose meaning depends on how a later hop decodes them."""
+    try:
+        decoded = unquote_to_bytes(path).decode("utf-8")  # strict: overlong forms fail
+    except UnicodeDecodeError:
+        raise BadRequest("the path holds percent escapes that are not UTF-8") from None
+    if any(char.isspace() for char in decoded):
+        raise BadRequest("the path holds encoded whitespace")
+    if unicodedata.normalize("NFKC", decoded) != decoded:
+        # Full-width dots and slashes become "." and "/" for a hop that normalises.
+        raise BadRequest("the path holds characters that Unicode normalisation changes")
 
 
 def _check_escapes(text: str, where: str) -> None:
@@ -71,7 +92,7 @@ def _check_escapes(text: str, where: str) -> None:
         if len(code) != 2 or not set(code) <= _HEX:
             raise BadRequest(f"the {where} holds a malformed percent escape")
         if where == "path" and code.lower() in _BAD_ESCAPES:
-            raise BadRequest("the path holds an encoded separator or control byte")
+            raise BadRequest("the path holds an encoded separator, percent sign or control byte")
         if where == "query" and code.lower() == "00":
             raise BadRequest("the query holds an encoded NUL byte")
         start = text.find("%", start + 3)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.errors import UpstreamUnreachable
+from proxy.errors import BadRequest, UpstreamUnreachable
 from proxy.headers import (
     client_response_headers,
     connection_listed,
@@ -114,6 +114,31 @@ def test_headers_the_proxy_answers_itself_are_not_sent_upstream(name: str) -> No
     out = up((name, "value"), ("X-Custom", "kept"))
     assert name not in out
     assert out["X-Custom"] == "kept"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["X-Original-URL", "x-rewrite-url", "X-HTTP-Method-Override", "X-HTTP-Method",
+     "X-Method-Override"],
+)
+def test_headers_that_rewrite_the_path_or_method_behind_a_hop_are_bad_requests(
+        name: str) -> None:
+    with pytest.raises(BadRequest, match=name):
+        up((name, "/retailer/../admin"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Transfer_Encoding", "Content_Length", "content_type", "X_Bol_Credentials",
+     "Proxy_Connection", "X_Original_URL", "Keep_Alive"],
+)
+def test_underscore_look_alikes_of_special_headers_are_bad_requests(name: str) -> None:
+    with pytest.raises(BadRequest, match="not forwarded"):
+        up((name, "chunked"))
+
+
+def test_other_headers_with_underscores_go_up_unchanged() -> None:
+    assert up(("X_Request_Id", "a_b"))["X_Request_Id"] == "a_b"
 
 
 def test_end_to_end_request_headers_go_up_unchanged_and_in_order() -> None:

@@ -98,6 +98,30 @@ def test_ambiguous_or_malformed_targets_are_bad_requests(target: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("/retailer/%c0%ae%c0%ae/x", "not UTF-8"),  # overlong "..": some decoders accept it
+        ("/retailer/%C0%AE/x", "not UTF-8"),
+        ("/retailer/%e0%80%ae/x", "not UTF-8"),  # overlong in three bytes
+        ("/retailer/caf%e9", "not UTF-8"),  # Latin-1, not UTF-8
+        ("/retailer/%252e%252e/x", "encoded separator"),  # double encoding of ".."
+        ("/retailer/%25", "encoded separator"),
+        ("/retailer/..%20/x", "whitespace"),  # some servers trim trailing spaces
+        ("/retailer/.%20/x", "whitespace"),
+        ("/retailer/products/%20x", "whitespace"),
+        ("/retailer/%C2%A0/x", "whitespace"),  # no-break space
+        ("/retailer/%ef%bc%8e%ef%bc%8e/x", "normalisation"),  # full-width ".."
+        ("/retailer/a%EF%BC%8Fb", "normalisation"),  # full-width "/"
+        ("/retailer/%E2%80%A5/x", "normalisation"),  # two-dot leader
+    ],
+)
+def test_path_escapes_another_hop_could_decode_differently_are_bad_requests(
+        target: str, why: str) -> None:
+    with pytest.raises(BadRequest, match=why):
+        resolve(target)
+
+
+@pytest.mark.parametrize(
     "target",
     [
         "/",
@@ -125,10 +149,8 @@ def test_paths_outside_allowed_paths_are_not_found(target: str) -> None:
         "/retailer-demo/orders/123",
         "/shared/process-status/1",
         "/advertiser/campaigns",
-        "/retailer/products/%20x",
         "/retailer/products/caf%C3%A9",
         "/retailer/a%2Bb/...x/.x./..x",
-        "/retailer/%252e%252e",
         "/retailer/orders?status=OPEN&x=%2F&y=&z=a+b&w=%2e%2e&v=caf%C3%A9&u=a/../b",
         "/retailer/orders?",
     ],
@@ -227,7 +249,7 @@ def test_unknown_header_is_not_echoed_at_length() -> None:
 # ------------------------------------------------------------------ properties
 
 SEGMENT = (
-    st.lists(st.sampled_from([*"abcXYZ019-_~.!$&'()*+,=:@", "%20", "%C3%A9", "%2B", "%25"]),
+    st.lists(st.sampled_from([*"abcXYZ019-_~.!$&'()*+,=:@", "%C3%A9", "%2B", "%41"]),
              min_size=1, max_size=8)
     .map("".join)
     .filter(lambda s: s not in (".", ".."))
