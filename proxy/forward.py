@@ -409,6 +409,10 @@ class Forwarder:
                       headers: list[tuple[str, str]], exchange: Exchange) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=_reason(upstream.reason),
                                       headers=headers)
+        if upstream.content_length is None and request.version < HttpVersion11:
+            # An HTTP/1.0 client reads such a body up to the close, so the close must
+            # come, keep-alive or not (aiohttp decides so but still keeps the connection).
+            response.force_close()
         try:
             await response.prepare(request)
             while True:

@@ -283,6 +283,25 @@ async def test_large_download_streams_back_byte_exact(
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.parametrize("size", [1000, 200_000], ids=["small", "large"])
+async def test_an_http10_keep_alive_client_gets_a_close_after_an_answer_without_length(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, size: int,
+) -> None:
+    # Without Content-Length an HTTP/1.0 body ends at the close: the close must come,
+    # else the next pipelined answer is read as more body, or the tool waits.
+    fake, url = bol
+    fake.extra["/retailer/export"] = streamed(b"x" * size, with_length=False)
+    server = await start_proxy(base_config(url))
+    keep_alive = b"HTTP/1.0\r\nHost: p\r\nConnection: keep-alive\r\n\r\n"
+    received = await raw_request(server.port(), b"GET /retailer/export " + keep_alive
+                                 + b"GET /retailer/orders " + keep_alive, seconds=3)
+    status, headers, body = split_response(received)
+    assert status == 200
+    assert "Content-Length" not in headers
+    assert headers.get("Connection", "close").lower() == "close"
+    assert body == b"x" * size  # and nothing after it
+
+
 async def test_large_upload_streams_to_bol_byte_exact_with_its_length(
     bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
