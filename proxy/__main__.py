@@ -22,6 +22,7 @@ from proxy import logs
 from proxy.app import ProxyServer
 from proxy.config import Config, Listen
 from proxy.errors import ConfigError, ConfigFileError, StartupError
+from proxy.listeners import PortInUse
 
 log = logging.getLogger("proxy")
 
@@ -138,11 +139,9 @@ async def serve(config: Config, load: Callable[[], Config]) -> int:
     server = ProxyServer(config)
     try:
         await server.start()
-    except OSError as exc:
-        raise StartupError(
-            f"cannot listen on {config.listen.host}:{config.listen.port} or a set's port: "
-            f"{exc.strerror or exc}"
-        ) from None
+    except OSError as exc:  # PortInUse names the port and whose it is
+        raise StartupError(str(exc) if isinstance(exc, PortInUse) else
+                           f"cannot start: {exc.strerror or exc}") from None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: asyncio.Queue[None] = asyncio.Queue()
@@ -153,8 +152,9 @@ async def serve(config: Config, load: Callable[[], Config]) -> int:
     # keep it out of every later full garbage collection, whose pauses are latency.
     gc.collect()
     gc.freeze()
-    log.info("bol-proxy listening on http://%s:%d (%d credential sets, default: %s; %s)",
-             config.listen.host, server.port(), len(config.credentials),
+    log.info("bol-proxy listening on %s (%s, default: %s; %s)",
+             ", ".join(server.listeners.addresses()),
+             configuration.plural(len(config.credentials), "credential set"),
              config.default_credentials, type(asyncio.get_running_loop()).__module__)
     async with asyncio.TaskGroup() as group:
         watcher = group.create_task(_reload_on_signal(server, reloads, load))

@@ -12,7 +12,7 @@ import hmac
 import os
 import re
 import ssl
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -62,7 +62,7 @@ DEFAULT_ALLOWED_PATHS = (
     "/advertiser",
     "/advertiser-demo",
 )
-Grant = Literal["client_credentials", "refresh_token"]
+GrantType = Literal["client_credentials", "refresh_token"]
 
 
 class Secret:
@@ -136,7 +136,7 @@ class CredentialSet:
     name: str
     client_id: str
     client_secret: Secret = field(repr=False)
-    grant: Grant = "client_credentials"
+    grant: GrantType = "client_credentials"
     prefetch: bool = True
     port: int | None = None
     refresh_token_file: Path | None = None
@@ -577,3 +577,37 @@ def summary(config: Config) -> Iterator[str]:
         yield shown(cred)
     if len(config.credentials) > 50:
         yield f"  ... and {len(config.credentials) - 50} more"
+
+
+def changes(old: Config, new: Config, opened: Iterable[int] = (),
+            closed: Iterable[int] = ()) -> list[str]:
+    """What a reload changed, in a few words each (for the log; never a secret)."""
+    said: list[str] = []
+    before, after = old.credentials, new.credentials
+    for verb, names in (
+        ("added", [n for n in after if n not in before]),
+        ("removed", [n for n in before if n not in after]),
+        ("changed", [n for n in after if n in before and after[n] != before[n]]),
+    ):
+        if names:
+            shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more"
+                                             if len(names) > 10 else "")
+            said.append(f"{plural(len(names), 'set')} {verb} ({shown})")
+    for verb, ports in (("opened", sorted(opened)), ("closed", sorted(closed))):
+        if ports:
+            said.append(f"{plural(len(ports), 'listener')} {verb} "
+                        f"(port{'s' if len(ports) > 1 else ''} "
+                        f"{', '.join(map(str, ports))})")
+    for section in ("listen", "upstream", "limits", "tokens"):
+        if getattr(old, section) != getattr(new, section):
+            said.append(f"{section} settings changed")
+    if old.shutdown_timeout != new.shutdown_timeout:
+        said.append("shutdown_timeout changed")
+    if old.default_credentials != new.default_credentials:
+        said.append(f"default set now {new.default_credentials}")
+    return said or ["nothing changed"]
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 set``, ``2 sets``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

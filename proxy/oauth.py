@@ -125,10 +125,10 @@ class TokenClient:
     """POSTs grants to the token endpoint over the proxy's one client session."""
 
     def __init__(self, session: aiohttp.ClientSession, token_url: str,
-                 connect_timeout: float) -> None:
+                 connect_timeout: float, answer_timeout: float = TOKEN_ANSWER_TIMEOUT) -> None:
         self._session = session
         self.url = token_url
-        self._timeout = aiohttp.ClientTimeout(total=connect_timeout + TOKEN_ANSWER_TIMEOUT,
+        self._timeout = aiohttp.ClientTimeout(total=connect_timeout + answer_timeout,
                                               sock_connect=connect_timeout)
 
     async def request(self, cred: CredentialSet, form: dict[str, str]) -> Grant:

@@ -50,6 +50,11 @@ class FakeClock(Clock):
             woken.cancel()
             self._sleepers.remove(entry)
 
+    @property
+    def sleeping(self) -> int:
+        """How many waits are pending on this clock now."""
+        return len(self._sleepers)
+
     async def advance(self, seconds: float) -> None:
         """Move time on, wake every wait that is due, and let the loop settle."""
         self.now += seconds

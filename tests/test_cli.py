@@ -36,7 +36,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(20)]
 
 WAIT = 5.0  # seconds any single step may take before the test fails
 START = 10.0  # seconds for a step that includes starting Python (slow on a loaded machine)
-SLOW = 1.5  # seconds the imitation of bol takes for /retailer/slow
 LISTENING = re.compile(r"listening on http://([^:\s]+):(\d+)")
 REDIRECT_URI = "https://partner.example/bol/callback"
 
@@ -300,7 +299,49 @@ async def test_port_in_use_exits_1_with_one_line(
     assert "Traceback" not in done.stderr
 
 
-# -------------------------------------------------------------- signals (SPEC §8)
+async def test_a_set_port_in_use_exits_1_naming_the_port_and_the_set(
+    bol: tuple[FakeBol, str], tmp_path: Path,
+) -> None:
+    _, url = bol
+    raw = base_config(url)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        raw["credentials"]["setb"]["port"] = port
+        done = await run("--config", str(write_config(tmp_path / "proxy.yaml", raw)))
+
+    assert done.status == 1
+    assert done.stderr_lines == [f"bol-proxy: cannot listen on 127.0.0.1:{port} (the dedicated "
+                                 "port of set 'setb'): Address already in use"]
+
+
+async def test_the_startup_line_names_every_listener(
+    bol: tuple[FakeBol, str], tmp_path: Path,
+) -> None:
+    _, url = bol
+    raw = base_config(url)
+    raw["credentials"]["setb"]["port"] = set_port = free_port()
+    async with started("--config", str(write_config(tmp_path / "proxy.yaml", raw))) as proxy:
+        line = (await proxy.line("stderr", LISTENING, START)).string
+    assert f":{set_port} (set setb)" in line
+    assert "(main)" in line.split(f":{set_port}")[0]  # the main listener comes first
+    assert "2 credential sets" in line
+
+
+async def test_the_pure_python_http_parser_is_refused_at_start(
+    bol: tuple[FakeBol, str], tmp_path: Path,
+) -> None:
+    # aiohttp's fallback parser has had request smuggling flaws; the C one refuses them.
+    _, url = bol
+    path = write_config(tmp_path / "proxy.yaml", base_config(url))
+    done = await run("--config", str(path), env=command_env(AIOHTTP_NO_EXTENSIONS="1"))
+    assert done.status == 1
+    assert "without its C HTTP parser" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# -------------------------------------------------------------- signals
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -309,11 +350,11 @@ async def test_stop_signal_lets_the_in_flight_request_finish_then_exits_0(
     sig: signal.Signals
 ) -> None:
     fake, url = bol
-    arrived = asyncio.Event()
+    arrived, release = asyncio.Event(), asyncio.Event()
 
     async def slow(request: web.Request) -> web.StreamResponse:
         arrived.set()
-        await asyncio.sleep(SLOW)  # a slow bol answer, still running when the signal comes
+        await release.wait()  # a slow bol answer, still running when the signal comes
         return web.json_response({"slow": "done"})
 
     fake.extra["/retailer/slow"] = slow
@@ -328,6 +369,7 @@ async def test_stop_signal_lets_the_in_flight_request_finish_then_exits_0(
             with pytest.raises(ConnectionRefusedError):  # no longer accepting...
                 await asyncio.open_connection("127.0.0.1", port)
             assert not request.done()  # ...still serving
+            release.set()
         assert request.result() == (200, b'{"slow": "done"}')
         done = await proxy.finish()
     assert done.status == 0, done.stderr
@@ -347,7 +389,7 @@ async def test_sighup_reload_adds_a_set_and_a_broken_file_keeps_the_running_one(
         raw["credentials"]["setc"] = {"client_id": "client-b", "client_secret": SECRET_B}
         write_config(path, raw)
         proxy.send(signal.SIGHUP)
-        await proxy.line("stderr", r"configuration reloaded .*3 credential sets")
+        await proxy.line("stderr", r"configuration reloaded .*1 set added \(setc\)")
         assert (await get(http, base + "/setc/retailer/orders"))[0] == 200
         assert fake.api_requests[-1].client_id == "client-b"
 

@@ -399,12 +399,12 @@ async def test_slow_upstream_gets_504_upstream_timeout_quickly(
     try:
         server = await start_proxy(base_config(url, upstream={"api_url": upstream,
                                                               "timeout": 1}))
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        async with http.get(f"http://127.0.0.1:{server.port()}/retailer/orders") as resp:
+        # The upstream never answers: only the proxy's 1 s timeout can end this, well
+        # before the guard's 5 s.
+        async with asyncio.timeout(5), \
+                http.get(f"http://127.0.0.1:{server.port()}/retailer/orders") as resp:
             assert resp.status == 504
             assert (await problem(resp))["type"] == "urn:bol-proxy:upstream-timeout"
-        assert loop.time() - started < 2.5
     finally:
         never.set()
         await runner.cleanup()

@@ -15,6 +15,7 @@ from proxy.demo import DEMO_CLIENT_ID, FakeBol
 from proxy.errors import ConfigError
 from tests.conftest import (
     SECRET_B,
+    FakeClock,
     StartProxy,
     base_config,
     connected,
@@ -154,18 +155,22 @@ async def test_in_flight_request_finishes_across_a_reload(
 
 async def test_stop_gives_in_flight_requests_the_shutdown_timeout_once_not_twice(
     bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+    clock: FakeClock,
 ) -> None:
     fake, url = bol
     entered = endless(fake)
-    server = await start_proxy(base_config(url, shutdown_timeout=2))
+    server = await start_proxy(base_config(url, shutdown_timeout=30), clock=clock)
     pending = asyncio.get_running_loop().create_task(
         status(http, server.port(), "/retailer/endless"))
     await asyncio.wait_for(entered.wait(), 5)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    await server.stop()
-    # 2 s for the request, then a moment to cancel it (aiohttp alone would wait 2 s more).
-    assert 2 <= loop.time() - started < 3.5
+    sleeping = clock.sleeping
+    stopping = asyncio.get_running_loop().create_task(server.stop())
+    await wait_until(lambda: clock.sleeping > sleeping)  # stop() waits for the request
+    await clock.advance(29.9)
+    assert not stopping.done()  # the request still has its shutdown_timeout
+    await clock.advance(0.1)
+    # Then it is cancelled at once: aiohttp alone would wait another 30 s (guard: 5 s).
+    await asyncio.wait_for(stopping, 5)
     with pytest.raises(aiohttp.ClientError):
         await asyncio.wait_for(pending, 5)
 
@@ -209,7 +214,7 @@ async def test_a_request_over_a_closed_listeners_connection_gets_503_and_a_close
     # The moment between a reload and the closing of the connections it retired.
     fake, url = bol
     server = await start_proxy(base_config(url))
-    server.forwarder.roles.clear()
+    server.listeners.roles.clear()
     status, headers, body = split_response(
         await raw_request(server.port(), b"GET /retailer/orders HTTP/1.1\r\nHost: proxy\r\n\r\n"))
     assert status == 503
@@ -241,19 +246,24 @@ async def test_stop_closes_idle_connections_at_once_and_refuses_new_requests(
 
 async def test_a_reloaded_shutdown_timeout_applies_to_the_next_stop(
     bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+    clock: FakeClock,
 ) -> None:
     fake, url = bol
     entered = endless(fake)
     raw = base_config(url, shutdown_timeout=30)
-    server = await start_proxy(raw)
+    server = await start_proxy(raw, clock=clock)
     raw["shutdown_timeout"] = 1
     await server.reload(validate(raw))
     loop = asyncio.get_running_loop()
     pending = loop.create_task(status(http, server.port(), "/retailer/endless"))
     await asyncio.wait_for(entered.wait(), 5)
-    started = loop.time()
-    await server.stop()
-    assert loop.time() - started < 2.5  # 1 s, not 30
+    sleeping = clock.sleeping
+    stopping = loop.create_task(server.stop())
+    await wait_until(lambda: clock.sleeping > sleeping)  # stop() waits for the request
+    await clock.advance(0.9)
+    assert not stopping.done()
+    await clock.advance(0.1)
+    await asyncio.wait_for(stopping, 5)  # 1 s, not 30
     with pytest.raises(aiohttp.ClientError):
         await asyncio.wait_for(pending, 5)
 
