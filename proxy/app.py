@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .oauth import Grant, TokenClient, client_credentials_form
 from .refresh import RefreshGrant, RefreshTokenFile
 from .server import Server, check_aiohttp
+from .standin import StandIn, is_login_path
 from .tokens import Clock, Obtain, Tokens
 from .upstream import UpstreamPool
 
@@ -114,6 +115,8 @@ class ProxyServer:
         self.forwarder = Forwarder(Settings.from_config(config), self.tokens,
                                    upstream_pool(config), self.metrics, self.listeners.admits)
         self.admin = Admin(self.tokens, self.metrics)
+        self.standin = StandIn(config, self.metrics, self.listeners.admits,
+                               lambda: self.listeners.roles, clock.wall)
         self.metrics.watch_tokens(self.tokens.active, clock.monotonic,
                                   self._authorisation_expiry)
         self._started = True
@@ -128,6 +131,8 @@ class ProxyServer:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.raw_path.startswith("/_proxy/"):
             return await self.admin.handle(request)
+        if is_login_path(request.raw_path, self.config.credentials):
+            return await self.standin.handle(request)
         return await self.forwarder.handle(request)
 
     def _obtainer(self, cred: CredentialSet) -> Obtain:
@@ -167,6 +172,7 @@ class ProxyServer:
             retired, self.forwarder.pool = self.forwarder.pool, upstream_pool(config)
             retired.retire()  # in-flight answers finish on their connections
         self.forwarder.settings = Settings.from_config(config)
+        self.standin.config = config
         # Connections to a port that is gone, or now means another set, or no set, close.
         self.listeners.publish(config)
         await self.forwarder.tokens.apply(config)

@@ -577,6 +577,18 @@ def summary(config: Config) -> Iterator[str]:
         yield shown(cred)
     if len(config.credentials) > 50:
         yield f"  ... and {len(config.credentials) - 50} more"
+    yield from pointing_a_tool(config)
+
+
+def pointing_a_tool(config: Config) -> Iterator[str]:
+    """How a tool reaches this configuration: its API and login URLs."""
+    host = config.listen.host if config.listen.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    base = f"http://{host}:{config.listen.port}"
+    example = config.default_credentials or next(iter(config.credentials))
+    yield (f"point tools at {base} instead of https://api.bol.com "
+           f"(or at {base}/{example} for set {example})")
+    yield (f"tools that log in themselves: login URL {base}/token, client id = a set's name "
+           f"(e.g. {example}), any secret")
 
 
 def changes(old: Config, new: Config, opened: Iterable[int] = (),

@@ -35,7 +35,9 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from aiohttp import HttpVersion11, web
+from multidict import istr
 
+from . import standin
 from .access import CLIENT_GONE, UPSTREAM_BROKE_OFF, AccessRecord
 from .bodies import RequestBody, request_body
 from .config import Config
@@ -61,6 +63,7 @@ log = logging.getLogger("proxy")
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})  # safe to send twice (RFC 9110 §9.2)
 SMALL_RESPONSE = 64 * 1024  # answered in one piece: measurably faster than streaming
 _NO_BODY_STATUSES = frozenset({204, 304})
+_AUTHORIZATION = istr("Authorization")
 
 
 @dataclass(frozen=True)
@@ -190,9 +193,11 @@ class Forwarder:
             # listener or gave its port another set: no other set may stand in.
             raise ListenerClosed("this connection's listener was closed or changed by a "
                                  "reload or shutdown; reconnect")
+        authorization = request.headers.get(_AUTHORIZATION)
         route = settings.router.resolve(request.method, request.raw_path,
                                         request.headers.getall(CREDENTIALS_HEADER, []),
-                                        cast(Connection, conn).port)
+                                        cast(Connection, conn).port,
+                                        standin.set_of(authorization) if authorization else None)
         record.set_name = route.set_name
         source = self.tokens.source(route.set_name)
         limits = settings.config.limits

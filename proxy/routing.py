@@ -13,8 +13,9 @@ A proxy that holds credentials must forward exactly what it is meant to. The rul
   encoding, ``%252e``), no whitespace (``..%20``, which some servers trim), and nothing
   Unicode compatibility normalisation changes (full-width dots, ``%ef%bc%8e``).
 * The path must lie under one of ``upstream.allowed_paths``, matched on whole segments.
-* The credential set comes from (SPEC §4) the listener's dedicated port, a first path
-  segment naming a set, the ``X-Bol-Credentials`` header, then ``default_credentials``.
+* The credential set comes from the listener's dedicated port, a first path segment
+  naming a set, the ``X-Bol-Credentials`` header, a stand-in token from the proxy's own
+  token endpoint in ``Authorization``, then ``default_credentials``.
   Two of these naming different sets is refused rather than silently resolved, since a
   wrong guess would spend one account's token on another account's request.
 """
@@ -119,9 +120,13 @@ class Router:
         return path in self._allowed or path.startswith(self._allowed_slashed)
 
     def resolve(
-        self, method: str, target: str, header_sets: list[str], local_port: int | None
+        self, method: str, target: str, header_sets: list[str], local_port: int | None,
+        bearer_set: str | None = None,
     ) -> Route:
-        """The route for one request, or the :class:`ProxyError` that answers it."""
+        """The route for one request, or the :class:`ProxyError` that answers it.
+
+        ``bearer_set`` is the set a stand-in token in ``Authorization`` names
+        (:mod:`proxy.standin`): after the header, before the default."""
         if method in REFUSED_METHODS:
             raise MethodNotAllowed(f"{method} is not forwarded")
         path, query = check_target(target)
@@ -142,6 +147,11 @@ class Router:
                 raise UnknownCredentials(
                     f"no credential set named '{name[:64]}' (X-Bol-Credentials)")
             chosen.append(("header", name))
+        if bearer_set is not None:
+            if bearer_set not in self._sets:
+                raise UnknownCredentials(f"the stand-in token names set '{bearer_set[:64]}', "
+                                         "which is not configured (any more): log in again")
+            chosen.append(("stand-in token", bearer_set))
         if not self._covers(path):
             raise NotFound("the path is not under any of upstream.allowed_paths")
         if not chosen:

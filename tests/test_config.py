@@ -624,3 +624,10 @@ def test_a_merge_key_with_overrides_beside_it_is_not_a_duplicate(tmp_path: Path)
     config = load_file(write(tmp_path, text), env={})
     assert config.credentials["shop2"].client_id == "other"
     assert config.credentials["shop2"].client_secret.reveal() == "def"
+
+
+def test_check_summary_says_how_to_point_a_tool_at_the_proxy() -> None:
+    lines = list(summary(validate({**BASE, "listen": {"host": "0.0.0.0", "port": 9000}})))
+    assert any("point tools at http://127.0.0.1:9000 instead of https://api.bol.com" in line
+               for line in lines)
+    assert any("login URL http://127.0.0.1:9000/token" in line for line in lines)

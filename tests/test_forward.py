@@ -159,7 +159,7 @@ async def test_unknown_or_missing_credential_set_is_400_without_upstream_contact
 
 
 @pytest.mark.parametrize(
-    "path", ["/token", "/retailerx/orders", "/", "/api/orders", "/setb/token",
+    "path", ["/tokens", "/retailerx/orders", "/", "/api/orders", "/setc/token",
              "/setb", "/Retailer/orders"],
 )
 async def test_path_outside_allowed_paths_is_404_and_bol_sees_nothing(

@@ -1,0 +1,97 @@
+"""Real bol client libraries from PyPI, unchanged but for their URLs, through the proxy.
+
+Each library logs in itself (it cannot be told not to), with made-up credentials, at
+the proxy's stand-in token endpoint, then calls the API through the proxy in front of
+the imitation of bol, exactly as the demo runs them. The libraries are synchronous
+(``requests``): they run in a worker thread while the proxy serves on the test's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import bol.api
+import bol.config
+import pytest
+from bol.retailer.api import RetailerAPI
+
+from proxy.app import ProxyServer
+from proxy.config import validate
+from proxy.demo import FakeBol, demo_config, start_fake
+
+MADE_UP_SECRET = "any-secret-will-do"
+
+
+@pytest.fixture
+async def demo() -> AsyncIterator[tuple[FakeBol, str]]:
+    """The demo's imitation of bol and the proxy in front of it (set ``demo``)."""
+    fake = FakeBol()
+    runner, upstream = await start_fake(fake)
+    server = ProxyServer(validate(demo_config(upstream, 0), source="demo"))
+    await server.start()
+    await server.tokens.source("demo").get()
+    yield fake, f"http://127.0.0.1:{server.port()}"
+    await server.stop()
+    await runner.cleanup()
+
+
+async def test_python_bol_api_latest_logs_in_and_reads_orders_through_the_proxy(
+    demo: tuple[FakeBol, str],
+) -> None:
+    fake, base = demo
+    logins = len(fake.token_requests)
+
+    def tool() -> tuple[str, str]:
+        api = RetailerAPI(api_url=base, login_url=base)  # the only change: two URLs
+        api.login("demo", MADE_UP_SECRET)
+        orders = api.orders.list()
+        order = api.orders.get(orders[0].orderId)
+        return orders[0].orderId, order.orderId
+
+    listed, got = await asyncio.to_thread(tool)
+    assert listed == got
+    assert len(fake.token_requests) == logins  # the tool's login reached no bol
+    assert [seen.target.partition("?")[0] for seen in fake.api_requests] == [
+        "/retailer/orders", f"/retailer/orders/{listed}"]
+
+
+@contextlib.contextmanager
+def retailer_api_urls(base: str) -> Iterator[None]:
+    """python-bol-retailer-api keeps its URLs in ``bol.config``, and caches tokens in its
+    package folder by client id; both are put back afterwards."""
+    saved = {name: getattr(bol.config, name) for name in
+             ("AUTH_URL", "BASE_URL", "DEMO_URL", "SHARED_URL", "SHARED_DEMO_URL")}
+    bol.config.AUTH_URL = base + "/token?grant_type=client_credentials"
+    bol.config.BASE_URL = base + "/retailer"
+    bol.config.SHARED_URL = base + "/shared"
+    bol.config.CACHE.clear()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(bol.config, name, value)
+        bol.config.CACHE.clear()
+        cache = Path(bol.config.__file__).parent / "cache" / "demo.txt"
+        cache.unlink(missing_ok=True)
+
+
+async def test_python_bol_retailer_api_logs_in_and_reads_orders_through_the_proxy(
+    demo: tuple[FakeBol, str],
+) -> None:
+    fake, base = demo
+    logins = len(fake.token_requests)
+
+    def tool() -> tuple[str, str]:
+        api = bol.api.BolAPI("demo", MADE_UP_SECRET)
+        orders = api.orders.list().orders
+        order = api.orders.get(orders[0].orderId)
+        return orders[0].orderId, order.orderId
+
+    with retailer_api_urls(base):
+        listed, got = await asyncio.to_thread(tool)
+    assert listed == got
+    assert len(fake.token_requests) == logins
+    assert fake.api_requests[-1].target == f"/retailer/orders/{listed}"
