@@ -1,13 +1,16 @@
-"""The proxy's own endpoints under ``/_proxy/`` (SPEC §8); never forwarded.
+"""The proxy's own endpoints under ``/_proxy/``, answered here and never forwarded.
 
 ``health`` says the process serves; ``ready`` says every ``prefetch`` set holds a valid
 token (and the proxy is not shutting down), so an orchestrator routes traffic to it only
-when requests will not wait for or fail on a token; ``metrics`` is Prometheus text.
+when requests will not wait for or fail on a token; ``metrics`` is Prometheus text;
+``limits`` lists every rate-limit bucket (limit, remaining, reset, blocked until,
+requests waiting).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -17,7 +20,8 @@ from .metrics import CONTENT_TYPE, Metrics
 from .tokens import Tokens, TokenSource
 
 
-def _iso(wall: float | None) -> str | None:
+def iso(wall: float | None) -> str | None:
+    """A Unix time as people read it (UTC, whole seconds)."""
     if wall is None:
         return None
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds")
@@ -26,9 +30,11 @@ def _iso(wall: float | None) -> str | None:
 class Admin:
     """Handlers for health, readiness and metrics."""
 
-    def __init__(self, tokens: Tokens, metrics: Metrics) -> None:
+    def __init__(self, tokens: Tokens, metrics: Metrics,
+                 limits: Callable[[], dict[str, object]]) -> None:
         self._tokens = tokens
         self._metrics = metrics
+        self._limits = limits
         self.shutting_down = False
 
     async def health(self, request: web.BaseRequest) -> web.Response:
@@ -60,8 +66,8 @@ class Admin:
         return {
             "state": "valid" if token is not None else "no-token",
             "prefetch": source.cred.prefetch,
-            "valid_until": _iso(valid_until),
-            "last_renewal": _iso(source.last_renewal),
+            "valid_until": iso(valid_until),
+            "last_renewal": iso(source.last_renewal),
             "last_error": source.last_error,
             "failures": source.failures,
         }
@@ -70,16 +76,20 @@ class Admin:
         return web.Response(body=self._metrics.exposition(),
                             headers={"Content-Type": CONTENT_TYPE})
 
+    async def limits(self, request: web.BaseRequest) -> web.Response:
+        return web.Response(text=json.dumps(self._limits()), content_type="application/json")
+
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Answer a ``/_proxy/...`` request; unknown endpoints get problem answers."""
         endpoint = {
             "/_proxy/health": self.health,
             "/_proxy/ready": self.ready,
             "/_proxy/metrics": self.metrics,
+            "/_proxy/limits": self.limits,
         }.get(request.raw_path.partition("?")[0])
         if endpoint is None:
-            return problem_response(NotFound("the proxy has /_proxy/health, /_proxy/ready "
-                                             "and /_proxy/metrics"))
+            return problem_response(NotFound("the proxy has /_proxy/health, /_proxy/ready, "
+                                             "/_proxy/metrics and /_proxy/limits"))
         if request.method not in ("GET", "HEAD"):
             return problem_response(MethodNotAllowed("the proxy's endpoints take GET"))
         return await endpoint(request)

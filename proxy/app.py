@@ -23,13 +23,15 @@ import aiohttp
 from aiohttp import web
 
 from . import logs
-from .admin import Admin
+from .admin import Admin, iso
+from .budgets import LocalBudgets
 from .config import Config, CredentialSet, changes
 from .errors import ConfigError
 from .forward import Forwarder, Settings
 from .listeners import Listeners
 from .metrics import Metrics
 from .oauth import Grant, TokenClient, client_credentials_form
+from .ratelimit import RateLimiter
 from .refresh import RefreshGrant, RefreshTokenFile
 from .server import Server, check_aiohttp
 from .standin import StandIn, is_login_path
@@ -75,6 +77,12 @@ def client_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
+def _same_budget(old: CredentialSet, new: CredentialSet | None) -> bool:
+    """Whether a reloaded set still spends the same budgets at bol (the same client)."""
+    return new is not None and (new.client_id, new.grant, new.refresh_token_file) == (
+        old.client_id, old.grant, old.refresh_token_file)
+
+
 class ProxyServer:
     """The proxy behind its listeners, with reload and graceful stop."""
 
@@ -112,9 +120,12 @@ class ProxyServer:
         self._runner = web.ServerRunner(server, shutdown_timeout=CANCEL_GRACE)
         await self._runner.setup()
         self.listeners = Listeners(self._runner, server)
+        self.limiter = RateLimiter(LocalBudgets(), clock, clock.wall, self.metrics)
         self.forwarder = Forwarder(Settings.from_config(config), self.tokens,
-                                   upstream_pool(config), self.metrics, self.listeners.admits)
-        self.admin = Admin(self.tokens, self.metrics)
+                                   upstream_pool(config), self.metrics, self.listeners.admits,
+                                   self.limiter if config.rate_limits.enabled else None)
+        self.admin = Admin(self.tokens, self.metrics, self._limits)
+        self.metrics.watch_budgets(self.limiter.snapshot)
         self.standin = StandIn(config, self.metrics, self.listeners.admits,
                                lambda: self.listeners.roles, clock.wall)
         self.metrics.watch_tokens(self.tokens.active, clock.monotonic,
@@ -150,6 +161,23 @@ class ProxyServer:
 
         return client_credentials
 
+    def _limits(self) -> dict[str, object]:
+        """``/_proxy/limits``: every bucket of every set."""
+        sets: dict[str, dict[str, object]] = {}
+        wall = self._clock.wall()
+        for snapshot, waiting in self.limiter.snapshot():
+            sets.setdefault(snapshot.set_name, {})[snapshot.bucket] = {
+                "limit": snapshot.limit, "remaining": snapshot.remaining,
+                "reset": iso(wall + snapshot.reset_in) if snapshot.reset_in is not None
+                else None,
+                "blocked_until": iso(wall + snapshot.blocked_for) if snapshot.blocked_for
+                else None,
+                "in_flight": snapshot.in_flight, "waiting": waiting,
+            }
+        rate_limits = self.config.rate_limits
+        return {"enabled": rate_limits.enabled, "max_wait": rate_limits.max_wait,
+                "sets": sets}
+
     def _authorisation_expiry(self, name: str) -> float | None:
         store = self._refresh_files.get(name)
         return store.authorisation_expiry() if store is not None else None
@@ -172,6 +200,9 @@ class ProxyServer:
             retired, self.forwarder.pool = self.forwarder.pool, upstream_pool(config)
             retired.retire()  # in-flight answers finish on their connections
         self.forwarder.settings = Settings.from_config(config)
+        self.forwarder.limiter = self.limiter if config.rate_limits.enabled else None
+        self.limiter.forget(name for name, cred in self.config.credentials.items()
+                            if not _same_budget(cred, config.credentials.get(name)))
         self.standin.config = config
         # Connections to a port that is gone, or now means another set, or no set, close.
         self.listeners.publish(config)
@@ -190,6 +221,7 @@ class ProxyServer:
         self._stopped = self.admin.shutting_down = True
         await self.listeners.close()
         log.info("listeners closed; %d requests in flight", self.metrics.in_flight)
+        self.limiter.stop_waiting_at(self._clock.monotonic() + self.config.shutdown_timeout)
         await self._clock.wait(self.forwarder.drained, self.config.shutdown_timeout)
         if self.metrics.in_flight:
             log.warning("shutdown: %d requests still in flight after %.0f s are cancelled",

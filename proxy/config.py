@@ -123,6 +123,14 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class RateLimits:
+    enabled: bool = True
+    # A request waits for budget at most this long: with bol's answer on top, it stays
+    # within the 30 s most HTTP clients allow a request.
+    max_wait: float = 20.0
+
+
+@dataclass(frozen=True)
 class TokenPolicy:
     refresh_margin: float = 30.0
     default_ttl: float = 299.0
@@ -157,6 +165,7 @@ class Config:
     upstream: Upstream = Upstream()
     limits: Limits = Limits()
     tokens: TokenPolicy = TokenPolicy()
+    rate_limits: RateLimits = RateLimits()
     shutdown_timeout: float = 30.0
     credentials: Mapping[str, CredentialSet] = field(default_factory=dict)
     default_credentials: str | None = None
@@ -378,6 +387,7 @@ def validate(raw: Mapping[str, Any], source: str = "configuration") -> Config:
     upstream = _upstream(_Section(top.take("upstream"), "upstream"))
     limits = _limits(_Section(top.take("limits"), "limits"))
     tokens = _tokens(_Section(top.take("tokens"), "tokens"))
+    rate_limits = _rate_limits(_Section(top.take("rate_limits"), "rate_limits"))
     shutdown_timeout = top.number("shutdown_timeout", 30.0)
     roots = {p.strip("/").split("/")[0] for p in upstream.allowed_paths}
     sets_raw = _Section(top.take("credentials"), "credentials")
@@ -394,7 +404,8 @@ def validate(raw: Mapping[str, Any], source: str = "configuration") -> Config:
     if default is not None and default not in credentials:
         raise ConfigError(f"default_credentials: no credential set named '{default}'")
     check_ports(listen, credentials)
-    return Config(listen, upstream, limits, tokens, shutdown_timeout, credentials, default, source)
+    return Config(listen, upstream, limits, tokens, rate_limits, shutdown_timeout, credentials,
+                  default, source)
 
 
 def _listen(s: _Section) -> Listen:
@@ -468,6 +479,13 @@ def _tokens(s: _Section) -> TokenPolicy:
     idle = s.number("idle_after", TokenPolicy.idle_after)
     s.done()
     return TokenPolicy(margin, ttl, idle)
+
+
+def _rate_limits(s: _Section) -> RateLimits:
+    enabled = s.boolean("enabled", RateLimits.enabled)
+    max_wait = s.number("max_wait", RateLimits.max_wait, exclusive=False, maximum=3600)
+    s.done()
+    return RateLimits(enabled, max_wait)
 
 
 def _credential_set(name: Any, raw: Any, roots: set[str]) -> CredentialSet:
@@ -566,6 +584,9 @@ def summary(config: Config) -> Iterator[str]:
     t = config.tokens
     yield (f"tokens: refresh_margin {t.refresh_margin:g}s, default_ttl {t.default_ttl:g}s, "
            f"idle_after {t.idle_after:g}s")
+    r = config.rate_limits
+    yield (f"rate limits: {'kept per set and endpoint' if r.enabled else 'off'}"
+           + (f", requests wait at most {r.max_wait:g}s for budget" if r.enabled else ""))
     yield f"credential sets: {len(config.credentials)} (default: {config.default_credentials})"
     shown: Callable[[CredentialSet], str] = lambda c: (  # noqa: E731
         f"  {c.name}: client_id {c.client_id}, client_secret ********, grant {c.grant}, "
@@ -610,7 +631,7 @@ def changes(old: Config, new: Config, opened: Iterable[int] = (),
             said.append(f"{plural(len(ports), 'listener')} {verb} "
                         f"(port{'s' if len(ports) > 1 else ''} "
                         f"{', '.join(map(str, ports))})")
-    for section in ("listen", "upstream", "limits", "tokens"):
+    for section in ("listen", "upstream", "limits", "tokens", "rate_limits"):
         if getattr(old, section) != getattr(new, section):
             said.append(f"{section} settings changed")
     if old.shutdown_timeout != new.shutdown_timeout:

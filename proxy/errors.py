@@ -7,8 +7,10 @@
     ├── MethodNotAllowed            405 method-not-allowed
     ├── RequestTimeout              408 request-timeout
     ├── BodyTooLarge                413 body-too-large
+    ├── RateLimited                 429 rate-limited (+ Retry-After)
     ├── UpstreamUnreachable         502 upstream-unreachable
     ├── TokenUnavailable            503 token-unavailable (+ Retry-After)
+    ├── ListenerClosed              503 listener-closed
     └── UpstreamTimeout             504 upstream-timeout
 
     ConfigError                     invalid configuration: exit status 2, never an HTTP answer
@@ -97,6 +99,24 @@ class BodyTooLarge(ProxyError):
     title = "Request body too large"
 
 
+class RateLimited(ProxyError):
+    """The set's budget for this endpoint is spent for longer than the request may wait;
+    bol was not asked (it would have refused). Retry-After says when budget returns."""
+
+    status = 429
+    code = "rate-limited"
+    title = "Rate limited"
+
+    def __init__(self, detail: str, retry_after: float,
+                 budget: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+        self.budget = budget or {}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": _whole_seconds(self.retry_after), **self.budget}
+
+
 class UpstreamUnreachable(ProxyError):
     status = 502
     code = "upstream-unreachable"
@@ -113,8 +133,7 @@ class TokenUnavailable(ProxyError):
         self.retry_after = retry_after
 
     def headers(self) -> dict[str, str]:
-        # Retry-After takes whole seconds (RFC 9110 §10.2.3); never advertise 0.
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+        return {"Retry-After": _whole_seconds(self.retry_after)}
 
 
 class ListenerClosed(ProxyError):
@@ -131,6 +150,11 @@ class UpstreamTimeout(ProxyError):
     status = 504
     code = "upstream-timeout"
     title = "Upstream timeout"
+
+
+def _whole_seconds(seconds: float) -> str:
+    """Retry-After takes whole seconds (RFC 9110 §10.2.3); never advertise 0."""
+    return str(max(1, math.ceil(seconds)))
 
 
 def problem_body(error: ProxyError) -> bytes:

@@ -51,9 +51,15 @@ from .errors import (
     UpstreamUnreachable,
     problem_response,
 )
-from .headers import CREDENTIALS_HEADER, client_response_headers, upstream_request_headers
+from .headers import (
+    CREDENTIALS_HEADER,
+    MAX_WAIT_HEADER,
+    client_response_headers,
+    upstream_request_headers,
+)
 from .metrics import Metrics
-from .routing import Router
+from .ratelimit import Budget, RateLimiter, max_wait_of
+from .routing import Route, Router
 from .server import Connection
 from .tokens import Token, Tokens, TokenSource
 from .upstream import Response, UpstreamError, UpstreamPool, request_head
@@ -61,6 +67,8 @@ from .upstream import Response, UpstreamError, UpstreamPool, request_head
 log = logging.getLogger("proxy")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})  # safe to send twice (RFC 9110 §9.2)
+# A 429 from bol is waited out and asked again only for reads: bol may queue writes.
+_RETRIED_AFTER_429 = frozenset({"GET", "HEAD"})
 SMALL_RESPONSE = 64 * 1024  # answered in one piece: measurably faster than streaming
 _NO_BODY_STATUSES = frozenset({204, 304})
 _AUTHORIZATION = istr("Authorization")
@@ -121,8 +129,10 @@ class Forwarder:
     """Forwards requests for the current settings; swapped settings apply to new requests."""
 
     def __init__(self, settings: Settings, tokens: Tokens, pool: UpstreamPool,
-                 metrics: Metrics, admits: Callable[[object], bool]) -> None:
+                 metrics: Metrics, admits: Callable[[object], bool],
+                 limiter: RateLimiter | None = None) -> None:
         self.settings = settings
+        self.limiter = limiter  # None: rate limits are off
         self.tokens = tokens
         self.pool = pool
         self.metrics = metrics
@@ -203,16 +213,23 @@ class Forwarder:
         limits = settings.config.limits
         body = await request_body(request, limits.max_body_size, limits.replay_buffer,
                                   settings.timeout)
-        token = await source.get()
-        # One ceiling for the whole exchange with bol, replay and body included.
-        record.deadline = asyncio.get_running_loop().time() + settings.timeout
+        budget = self._budget(request, settings, route)
         target = settings.path_prefix + route.target
-        upstream = await self._send(request, target, token, body, record)
+        upstream, token = await self._attempt(request, target, source, None, body, budget,
+                                              record)
         try:
             if upstream.status == 401:
                 record.upstream_status = 401
                 upstream = await self._after_401(request, target, source, token, body,
-                                                 upstream, record)
+                                                 upstream, budget, record)
+            if (upstream.status == 429 and request.method in _RETRIED_AFTER_429
+                    and budget.could_wait()):
+                # bol's budget ran out under us (a reset that refilled less than it
+                # said, another client on the same credentials): a read can wait for it.
+                record.upstream_status = 429
+                upstream.close()
+                upstream, _ = await self._attempt(request, target, source, None, body,
+                                                  budget, record)
             record.upstream_status = upstream.status
             return await self._relay(request, upstream, record)
         except BaseException:
@@ -220,6 +237,36 @@ class Forwarder:
             # answer's connection must not stay held (no-op once released).
             upstream.close()
             raise
+
+    def _budget(self, request: web.BaseRequest, settings: Settings, route: Route) -> Budget:
+        limiter = self.limiter
+        if limiter is None:
+            return Budget(None, ("", ""), 0.0)
+        max_wait = max_wait_of(request.headers.get(MAX_WAIT_HEADER),
+                               settings.config.rate_limits.max_wait)
+        return limiter.budget(route.set_name, request.method, route.target.partition("?")[0],
+                              max_wait)
+
+    async def _attempt(self, request: web.BaseRequest, target: str, source: TokenSource,
+                       token: Token | None, body: RequestBody, budget: Budget,
+                       record: AccessRecord) -> tuple[Response, Token]:
+        """One request to bol within the set's budget: wait for budget, attach the token
+        (the set's current one unless given), send, and tell the budget what came back."""
+        started = time.perf_counter()
+        permit = await budget.acquire()
+        record.waited += time.perf_counter() - started
+        try:
+            if token is None:
+                token = await source.get()
+            if not record.deadline:
+                # One ceiling for the whole exchange with bol, replays included.
+                record.deadline = asyncio.get_running_loop().time() + self.settings.timeout
+            upstream = await self._send(request, target, token, body, record)
+        except BaseException:
+            await permit.cancel()
+            raise
+        await permit.answered(upstream.status, upstream.raw_headers)
+        return upstream, token
 
     async def _send(self, request: web.BaseRequest, target: str, token: Token, body: RequestBody,
                     record: AccessRecord) -> Response:
@@ -239,9 +286,10 @@ class Forwarder:
             record.upstream_seconds += time.perf_counter() - started
 
     async def _after_401(self, request: web.BaseRequest, target: str, source: TokenSource,
-                         token: Token, body: RequestBody, upstream: Response,
+                         token: Token, body: RequestBody, upstream: Response, budget: Budget,
                          record: AccessRecord) -> Response:
-        """SPEC §6.2: invalidate if current, renew once, replay once if the body allows."""
+        """Invalidate the token if it is still current, renew once, and replay once if
+        the body was kept; the replay costs budget like any request."""
         source.invalidate(token)
         if not body.replayable:
             return upstream  # the body is gone: the 401 goes back as it came
@@ -255,7 +303,8 @@ class Forwarder:
         upstream.close()  # drop the 401; the replay takes a connection of its own
         record.replayed = True
         self.metrics.replays.labels(source.cred.name).inc()
-        return await self._send(request, target, fresh, body, record)
+        replay, _ = await self._attempt(request, target, source, fresh, body, budget, record)
+        return replay
 
     async def _relay(self, request: web.BaseRequest, upstream: Response,
                      record: AccessRecord) -> web.StreamResponse:

@@ -17,6 +17,7 @@ from multidict import CIMultiDictProxy, istr
 from .errors import BadRequest, UpstreamUnreachable
 
 CREDENTIALS_HEADER = istr("X-Bol-Credentials")
+MAX_WAIT_HEADER = istr("X-Bol-Proxy-Max-Wait")  # the request's own rate-limit patience
 
 # RFC 9110 §7.6.1 and RFC 9112 §7: meaningful for one connection only. Content-Length is
 # not hop-by-hop, but it is re-derived by the framing of each side (see below).
@@ -37,9 +38,11 @@ HOP_BY_HOP: frozenset[istr] = frozenset(
 
 # Dropped on the way up: Host is the upstream's; Authorization is replaced by the set's
 # bearer token; Expect was answered by this hop already (the server sends 100 Continue);
-# Content-Length is the forwarder's to set, from the body it actually sends.
+# Content-Length is the forwarder's to set, from the body it actually sends; the proxy's
+# own request headers are for the proxy.
 _NOT_FORWARDED_UP = HOP_BY_HOP | {istr("Host"), istr("Authorization"), istr("Expect"),
-                                  istr("Content-Length"), CREDENTIALS_HEADER}
+                                  istr("Content-Length"), CREDENTIALS_HEADER,
+                                  MAX_WAIT_HEADER}
 
 # Names are compared lowercased: multidict's istr hashes by its original spelling, so
 # "x-bol-credentials" is not found in a set holding istr("X-Bol-Credentials"), and aiohttp

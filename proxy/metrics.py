@@ -21,12 +21,14 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .budgets import Snapshot
 from .tokens import TokenSource
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created doubles every scrape
 
+MAX_BUCKET_LABELS = 200  # endpoints of one set with metrics of their own
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -56,6 +58,20 @@ class Metrics:
             "bol_proxy_replays", "Requests replayed once after a 401 with a renewed token",
             ["set"], registry=r,
         )
+        self.rate_limit_waits = Histogram(
+            "bol_proxy_rate_limit_wait_seconds",
+            "Time requests waited for their endpoint's budget", ["set", "bucket"],
+            buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120), registry=r,
+        )
+        self.rate_limit_refusals = Counter(
+            "bol_proxy_rate_limit_refusals",
+            "Requests answered 429 by the proxy without asking bol (budget spent for "
+            "longer than the request may wait)", ["set", "bucket"], registry=r,
+        )
+        self.upstream_429s = Counter(
+            "bol_proxy_upstream_429", "429 answers from bol", ["set", "bucket"], registry=r,
+        )
+        self._bucket_labels: dict[str, set[str]] = {}
         # A plain counter read at scrape time: no lock on the request path.
         self.in_flight = 0
         Gauge("bol_proxy_in_flight_requests", "Requests being handled",
@@ -83,6 +99,31 @@ class Metrics:
         if upstream_seconds is not None:
             durations[1].observe(upstream_seconds)
 
+    def bucket_label(self, set_name: str, bucket: str) -> str:
+        """The bucket as a label: at most ``MAX_BUCKET_LABELS`` a set, "other" beyond,
+        so that made-up paths cannot grow the metrics without bound."""
+        known = self._bucket_labels.setdefault(set_name, set())
+        if bucket in known:
+            return bucket
+        if len(known) >= MAX_BUCKET_LABELS:
+            return "other"
+        known.add(bucket)
+        return bucket
+
+    def waited(self, set_name: str, bucket: str, seconds: float) -> None:
+        self.rate_limit_waits.labels(set_name, self.bucket_label(set_name, bucket)).observe(
+            seconds)
+
+    def rate_limited(self, set_name: str, bucket: str) -> None:
+        self.rate_limit_refusals.labels(set_name, self.bucket_label(set_name, bucket)).inc()
+
+    def refused_by_bol(self, set_name: str, bucket: str) -> None:
+        self.upstream_429s.labels(set_name, self.bucket_label(set_name, bucket)).inc()
+
+    def watch_budgets(self, buckets: Callable[[], Iterable[tuple[Snapshot, int]]]) -> None:
+        """Expose each bucket's limit, remaining budget and waiting requests."""
+        self.registry.register(_BudgetCollector(buckets, self.bucket_label))
+
     def token_fetched(self, set_name: str, outcome: str) -> None:
         self.token_fetches.labels(set_name, outcome).inc()
 
@@ -94,6 +135,34 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _BudgetCollector(Collector):
+    def __init__(self, buckets: Callable[[], Iterable[tuple[Snapshot, int]]],
+                 label: Callable[[str, str], str]) -> None:
+        self._buckets = buckets
+        self._label = label
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            name: GaugeMetricFamily(f"bol_proxy_rate_limit_{name}", text,
+                                    labels=["set", "bucket"])
+            for name, text in (
+                ("limit", "The endpoint's budget per window, as bol last said"),
+                ("remaining", "Budget left now (bol's count less requests under way)"),
+                ("waiting", "Requests waiting for the endpoint's budget"),
+            )
+        }
+        for snapshot, waiting in self._buckets():
+            labels = [snapshot.set_name, self._label(snapshot.set_name, snapshot.bucket)]
+            if labels[1] == "other":
+                continue  # a gauge cannot sum buckets beyond the labelled ones
+            if snapshot.limit is not None:
+                families["limit"].add_metric(labels, snapshot.limit)
+            if snapshot.remaining is not None:
+                families["remaining"].add_metric(labels, snapshot.remaining)
+            families["waiting"].add_metric(labels, waiting)
+        yield from families.values()
 
 
 class _TokenCollector(Collector):

@@ -133,7 +133,9 @@ async def test_metrics_after_five_requests_count_them_by_set_and_class(
     expiry = value("bol_proxy_token_expiry_seconds", set="seta")
     assert expiry is not None and 250 < expiry <= 299
     assert value("bol_proxy_in_flight_requests") == 0
-    assert "/retailer/orders" not in text  # paths are never labels
+    # Paths are never labels: endpoints are, with their identifiers collapsed.
+    assert "/retailer/orders/1" not in text and "/setb" not in text
+    assert value("bol_proxy_rate_limit_limit", set="seta", bucket="GET /retailer/orders/*") == 25
     for secret in (DEMO_CLIENT_SECRET, *fake.tokens):
         assert secret not in text
 

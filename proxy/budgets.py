@@ -1,0 +1,333 @@
+"""Rate budgets: what bol says of each endpoint's budget, and the arithmetic on it (no I/O).
+
+bol limits each client per endpoint and method (25 order lists a minute, 25 single
+orders a second, a few offer exports an hour), tells the state on every answer
+(``X-RateLimit-Limit``, ``X-RateLimit-Remaining``, ``X-RateLimit-Reset``, in any letter
+case) and answers 429 with ``Retry-After`` when a limit is hit. This module keeps one
+:class:`Bucket` per credential set and endpoint:
+
+* The endpoint is the method plus the path with its identifiers collapsed
+  (:func:`bucket_of`: ``GET /retailer/orders/*``). bol's fixed path segments are
+  lowercase words joined by dashes; anything else (order ids, EANs, UUIDs) is an
+  identifier.
+* A bucket learns its limit, remaining count and reset time from every answer, and
+  counts the requests it has let go and not yet heard back about against what remains:
+  bol has not counted those yet when it writes its headers for an earlier one.
+* Until its first answer a bucket lets one request go at a time (the others wait for
+  what bol says), so tools that start together do not spend a budget nobody knows.
+  An endpoint that answers without budget headers is not metered, until a 429.
+* A 429 blocks the bucket until ``Retry-After``, else the reset, else a short backoff
+  that doubles while 429s repeat.
+
+:class:`LocalBudgets` keeps the buckets of one process; a store shared by replicas
+implements the same :class:`BudgetStore` protocol.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+_FIXED_SEGMENT = re.compile(r"[a-z]+(?:-[a-z]+)*\Z")
+EPOCH_SECONDS = 1e9  # a Reset this large is a moment (epoch seconds), not a duration
+EPOCH_MILLISECONDS = 1e12
+FIRST_BACKOFF = 1.0  # seconds a 429 without Retry-After or reset blocks its bucket
+MAX_BACKOFF = 60.0
+IDLE_BUCKET = 600.0  # seconds a bucket with nothing under way is kept after its reset
+MAX_BUCKETS = 10_000  # per store; beyond it, idle buckets are dropped at once
+
+
+def bucket_of(method: str, path: str) -> str:
+    """``GET /retailer/orders/*``: the method and the path, identifiers collapsed."""
+    segments = path.split("/")
+    return method + " " + "/".join(
+        segment if not segment or _FIXED_SEGMENT.match(segment) else "*"
+        for segment in segments)
+
+
+@dataclass(frozen=True, slots=True)
+class Told:
+    """What one answer of bol said about its endpoint's budget."""
+
+    limit: int | None = None
+    remaining: int | None = None
+    reset_in: float | None = None  # seconds until the budget refills
+    retry_after: float | None = None  # from a 429
+    refused: bool = False  # the answer was a 429
+
+    @property
+    def says_anything(self) -> bool:
+        return self.limit is not None or self.remaining is not None or self.refused
+
+
+def read_told(status: int, headers: Iterable[tuple[bytes, bytes]], wall_now: float) -> Told:
+    """Read bol's budget headers (any letter case) from a raw answer head (pure).
+
+    ``X-RateLimit-Reset`` is seconds until the reset; a value too large for that is a
+    moment: epoch seconds, or epoch milliseconds (bol documents seconds; some client
+    libraries read it as epoch milliseconds, so either form is accepted)."""
+    limit = remaining = None
+    reset_in = retry_after = None
+    for raw_name, raw_value in headers:
+        if len(raw_name) < 11:
+            continue
+        name = raw_name.lower()
+        if name == b"x-ratelimit-limit":
+            limit = _count(raw_value)
+        elif name == b"x-ratelimit-remaining":
+            remaining = _count(raw_value)
+        elif name == b"x-ratelimit-reset":
+            reset_in = _seconds_until(raw_value, wall_now)
+        elif name == b"retry-after" and status == 429:
+            retry_after = _retry_after(raw_value, wall_now)
+    return Told(limit, remaining, reset_in, retry_after, refused=status == 429)
+
+
+def _number(raw: bytes) -> float | None:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _count(raw: bytes) -> int | None:
+    value = _number(raw)
+    return int(value) if value is not None else None
+
+
+def _seconds_until(raw: bytes, wall_now: float) -> float | None:
+    value = _number(raw)
+    if value is None:
+        return None
+    if value >= EPOCH_MILLISECONDS:
+        value = value / 1000 - wall_now
+    elif value >= EPOCH_SECONDS:
+        value = value - wall_now
+    return min(max(value, 0.0), 86400.0)
+
+
+def _retry_after(raw: bytes, wall_now: float) -> float | None:
+    """Seconds, or an HTTP date (RFC 9110 §10.2.3)."""
+    value = _number(raw)
+    if value is not None:
+        return min(value, 86400.0)
+    try:
+        moment = email.utils.parsedate_to_datetime(raw.decode("latin-1"))
+    except (TypeError, ValueError):
+        return None
+    return min(max(moment.timestamp() - wall_now, 0.0), 86400.0)
+
+
+@dataclass(slots=True)
+class Bucket:
+    """The budget of one set's endpoint, as this proxy knows it (times: monotonic)."""
+
+    limit: int | None = None  # None: bol has not said (yet)
+    remaining: int | None = None  # as of the latest answer
+    reset_at: float | None = None  # when the budget refills; None: not known
+    window: float = 0.0  # the longest reset bol announced: its refill period, roughly
+    blocked_until: float = 0.0  # after a 429
+    backoff: float = FIRST_BACKOFF
+    in_flight: int = 0  # let go, and not heard back about
+    answered: bool = False  # bol has answered at least once
+    last_used: float = 0.0
+    refusals: int = 0  # 429s from bol in a row
+
+    def available(self, now: float) -> int | None:
+        """Requests that may go now; None: no budget is known (not metered)."""
+        if self.limit is None and self.remaining is None:
+            return None
+        remaining = self.remaining if self.remaining is not None else self.limit
+        if self.reset_at is not None and now >= self.reset_at and self.limit is not None:
+            remaining = self.limit  # refilled; the next answer will say how much
+        return (remaining or 0) - self.in_flight
+
+    def take(self, now: float) -> float | None:
+        """Let one request go (None), or say when to ask again (inf: when told)."""
+        self.last_used = now
+        if now < self.blocked_until:
+            return self.blocked_until
+        if not self.answered:
+            if self.in_flight:
+                return math.inf  # the first request's answer tells the budget
+            self.in_flight += 1
+            return None
+        available = self.available(now)
+        if available is None or available > 0:
+            self.in_flight += 1
+            return None
+        if self.reset_at is not None and self.reset_at > now:
+            return self.reset_at
+        if self.in_flight:
+            return math.inf  # spent by requests under way: their answers will tell
+        # Spent, no reset known and nothing under way to tell more: one request asks.
+        self.in_flight += 1
+        return None
+
+    def learn(self, told: Told, now: float) -> None:
+        """An answer came back for a request this bucket let go."""
+        self.in_flight = max(0, self.in_flight - 1)
+        self.answered = True
+        self.last_used = now
+        if told.reset_in is not None:
+            reset_at = now + told.reset_in
+            # A window that ended since: what bol says now replaces the old count.
+            if self.reset_at is None or now >= self.reset_at or reset_at > self.reset_at + 1:
+                self.remaining = None
+            self.reset_at = reset_at
+            self.window = max(self.window, told.reset_in)
+        if told.limit is not None:
+            self.limit = told.limit
+        if told.remaining is not None:
+            # Answers overtake each other: within one window the lowest count is the
+            # latest word, as bol counts down.
+            self.remaining = (told.remaining if self.remaining is None
+                              else min(self.remaining, told.remaining))
+        if told.refused:
+            self.refusals += 1
+            self.remaining = 0
+            wait = told.retry_after
+            if wait is None and self.reset_at is not None and self.reset_at > now:
+                wait = self.reset_at - now
+            if wait is None:
+                wait, self.backoff = self.backoff, min(self.backoff * 2, MAX_BACKOFF)
+            self.blocked_until = max(self.blocked_until, now + wait)
+            # bol's word on when to come back is the budget's return, whatever the reset
+            # said before.
+            self.reset_at = self.blocked_until
+        else:
+            self.refusals = 0
+            self.backoff = FIRST_BACKOFF
+
+    def release(self, now: float) -> None:
+        """A request this bucket let go was never sent (no token, the tool left)."""
+        self.in_flight = max(0, self.in_flight - 1)
+        self.last_used = now
+
+    def estimate(self, ahead: int, now: float) -> float:
+        """Seconds until a request with ``ahead`` requests queued before it may go: the
+        next refill, then a window for every full budget queued before it. A guess
+        where bol has said little; the wait itself stays bounded."""
+        start = max(now, self.blocked_until)
+        available = self.available(start) if self.answered else None
+        if available is None or available > ahead:
+            return start - now
+        window = max(self.window, 1.0)
+        refill = (self.reset_at if self.reset_at is not None and self.reset_at > start
+                  else start + window)
+        windows = math.ceil((ahead + 1 - max(available, 0)) / max(self.limit or 1, 1))
+        return refill - now + (windows - 1) * window
+
+    def snapshot(self, key: Key, now: float) -> Snapshot:
+        reset_in = (self.reset_at - now if self.reset_at is not None and self.reset_at > now
+                    else None)
+        available = self.available(now) if self.answered else None
+        return Snapshot(key[0], key[1], self.limit,
+                        None if available is None else max(available, 0), reset_in,
+                        max(0.0, self.blocked_until - now), self.in_flight)
+
+    def idle(self, now: float) -> bool:
+        return (self.in_flight == 0 and now >= self.blocked_until
+                and now - self.last_used >= IDLE_BUCKET
+                and (self.reset_at is None or now >= self.reset_at))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One bucket as ``/_proxy/limits`` and the metrics show it (times: seconds from now)."""
+
+    set_name: str
+    bucket: str
+    limit: int | None
+    remaining: int | None
+    reset_in: float | None
+    blocked_for: float
+    in_flight: int
+
+
+Key = tuple[str, str]  # (set name, bucket)
+
+
+class BudgetStore(Protocol):
+    """Where buckets live: this process (:class:`LocalBudgets`), or shared by replicas."""
+
+    async def take(self, key: Key, now: float) -> float | None:
+        """Let a request go (None), or when to ask again (inf: when an answer comes)."""
+
+    async def learn(self, key: Key, told: Told, now: float) -> None:
+        """An answer came for a request that went."""
+
+    async def release(self, key: Key, now: float) -> None:
+        """A request that was let go never reached bol."""
+
+    def estimate(self, key: Key, ahead: int, now: float) -> float:
+        """Seconds a request with ``ahead`` requests before it would wait (a guess)."""
+
+    def snapshot(self, now: float) -> Iterator[Snapshot]:
+        """Every bucket, for operators."""
+
+    def peek(self, key: Key, now: float) -> Snapshot | None:
+        """One bucket, if it is known."""
+
+    def forget(self, set_names: Iterable[str]) -> None:
+        """Drop the buckets of sets that were removed or changed."""
+
+
+class LocalBudgets:
+    """The buckets of this process, in memory; idle ones are dropped."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[Key, Bucket] = {}
+        self._created = 0
+
+    def bucket(self, key: Key, now: float) -> Bucket:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._created += 1
+            if self._created % 256 == 0 or len(self._buckets) >= MAX_BUCKETS:
+                self._sweep(now)
+            bucket = self._buckets[key] = Bucket(last_used=now)
+        return bucket
+
+    async def take(self, key: Key, now: float) -> float | None:
+        return self.bucket(key, now).take(now)
+
+    async def learn(self, key: Key, told: Told, now: float) -> None:
+        self.bucket(key, now).learn(told, now)
+
+    async def release(self, key: Key, now: float) -> None:
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.release(now)
+
+    def estimate(self, key: Key, ahead: int, now: float) -> float:
+        bucket = self._buckets.get(key)
+        return 0.0 if bucket is None else bucket.estimate(ahead, now)
+
+    def get(self, key: Key) -> Bucket | None:
+        return self._buckets.get(key)
+
+    def snapshot(self, now: float) -> Iterator[Snapshot]:
+        for key, bucket in list(self._buckets.items()):
+            yield bucket.snapshot(key, now)
+
+    def peek(self, key: Key, now: float) -> Snapshot | None:
+        bucket = self._buckets.get(key)
+        return None if bucket is None else bucket.snapshot(key, now)
+
+    def forget(self, set_names: Iterable[str]) -> None:
+        gone = set(set_names)
+        for key in [k for k in self._buckets if k[0] in gone]:
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _sweep(self, now: float) -> None:
+        for key in [k for k, b in self._buckets.items() if b.idle(now)]:
+            del self._buckets[key]
