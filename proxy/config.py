@@ -19,41 +19,13 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
-
+from . import configfile
 from .errors import ConfigError, ConfigFileError
 
-# libyaml's loader where installed: 10,000 credential sets load five times faster.
-_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_SECONDS = 7 * 86400.0  # the largest duration any setting takes: a week
 
 
-class DuplicateKey(yaml.constructor.ConstructorError):
-    """A mapping names one key twice: YAML would silently keep the last one."""
-
-
-class _Loader(_SafeLoader):  # type: ignore[misc,valid-type]
-    """A safe loader that refuses duplicate keys: a copied credential set that reuses a
-    name must not quietly replace the first one."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # "<<: *anchor": keys given beside it override what it merges
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                continue  # unhashable: the base class says so
-            if duplicate:
-                raise DuplicateKey(None, None, f"duplicate key '{str(key)[:64]}'",
-                                   key_node.start_mark)
-            seen.add(key)
-        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return mapping
 SET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
-_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 DEFAULT_ALLOWED_PATHS = (
     "/retailer",
     "/retailer-demo",
@@ -177,19 +149,12 @@ def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigFileError(f"cannot read configuration file {path}: {_reason(exc)}") from exc
-    try:
-        raw = yaml.load(text, Loader=_Loader)  # a safe loader: CSafeLoader or SafeLoader
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" (line {where.line + 1})" if where is not None else ""
-        if isinstance(exc, DuplicateKey):
-            raise ConfigError(f"{path}: {exc.problem}{at}") from None
-        raise ConfigError(f"{path}: not valid YAML{at}") from None
+    raw = configfile.parse(text, str(path))
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    raw = interpolate(raw, env)
+    raw = configfile.interpolate(raw, env)
     # The listener variables are defaults under a file too, so that an image can set
     # BOL_PROXY_HOST=0.0.0.0 once; a file that names listen.host/port wins.
     listen = raw.get("listen")
@@ -259,32 +224,11 @@ def _reason(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
 
 
-def interpolate(value: Any, env: Mapping[str, str], path: str = "") -> Any:
-    """Replace ``${NAME}`` and ``${NAME:-fallback}`` in every string of ``value``."""
-    if isinstance(value, dict):
-        return {k: interpolate(v, env, _join(path, str(k))) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
-    if not isinstance(value, str) or "$" not in value:
-        return value
-
-    def substitute(match: re.Match[str]) -> str:
-        name, fallback = match.group(1), match.group(2)
-        # As in sh, Compose and Kubernetes: ":-" also covers a variable set to "".
-        if fallback is not None and not env.get(name):
-            return fallback
-        if name in env:
-            return env[name]
-        raise ConfigError(f"{path}: environment variable {name} is not set")
-
-    return _VARIABLE.sub(substitute, value)
+# ------------------------------------------------------------------------ validation
 
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-# ------------------------------------------------------------------------ validation
 
 
 class _Section:

@@ -152,3 +152,4 @@ class TokenClient:
             name = type(exc).__name__
             raise TokenEndpointError("unreachable", f"token endpoint: {name}") from None
         return parse_token_response(status, body)
+

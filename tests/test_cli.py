@@ -206,6 +206,20 @@ async def test_check_of_a_bad_file_fails_with_one_line_naming_the_problem(
     assert "Traceback" not in done.stderr
 
 
+async def test_check_of_a_yaml_syntax_error_names_reason_line_and_column(
+    tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text("credentials:\n  seta:\n\tclient_id: a\n", encoding="utf-8")
+
+    done = await run("--check", "--config", str(path))
+
+    assert done.status == 2
+    assert done.stderr_lines == [
+        f"bol-proxy: {path}: not valid YAML: line 3, column 1: found character '\\t' that "
+        "cannot start any token"]
+
+
 async def test_check_without_any_configuration_says_how_to_configure() -> None:
     done = await run("--check")
 

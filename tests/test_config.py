@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy import configfile
 from proxy.config import (
     DEFAULT_ALLOWED_PATHS,
     Config,
@@ -281,6 +282,81 @@ def test_a_file_that_is_not_a_mapping_of_keys_is_a_config_error(
         load_file(write(tmp_path, text), env={})
     assert not isinstance(info.value, ConfigFileError)
     assert str(tmp_path / "proxy.yaml") in str(info.value)
+
+
+def test_a_yaml_syntax_error_gives_the_parsers_reason_and_position_on_one_line(
+    tmp_path: Path
+) -> None:
+    text = "listen:\n  port: 8080\ncredentials:\n  acme:\n\tclient_id: a\n"
+    message = error_of(tmp_path, text)
+    assert message == (f"{tmp_path / 'proxy.yaml'}: not valid YAML: line 5, column 1: "
+                       "found character '\\t' that cannot start any token")
+
+
+BESIDE_A_SECRET = {
+    "alias": f"credentials:\n  acme:\n    client_id: a\n    client_secret: *{SECRET}\n",
+    "tag": f"credentials:\n  acme:\n    client_id: a\n    client_secret: !{SECRET} x\n",
+    "escape": f'credentials:\n  acme:\n    client_id: a\n    client_secret: "\\q{SECRET}"\n',
+    "at-sign": f"credentials:\n  acme:\n    client_id: a\n    client_secret: @{SECRET}\n",
+    "control": f"credentials:\n  acme:\n    client_id: a\n    client_secret: \x01{SECRET}\n",
+    "unclosed-flow": f"credentials:\n  acme: {{client_id: a, client_secret: {SECRET}\n",
+    "unclosed-quote": f"credentials:\n  acme:\n    client_secret: '{SECRET}\n",
+}
+MISTYPED = {
+    "date": "credentials:\n  acme:\n    client_id: a\n    client_secret: 2024-13-45\n",
+    "explicit-type": f"credentials:\n  acme:\n    client_id: a\n"
+                     f"    client_secret: !!float {SECRET}\n",
+}
+
+
+@pytest.mark.parametrize("text", [*BESIDE_A_SECRET.values(), *MISTYPED.values()],
+                         ids=[*BESIDE_A_SECRET, *MISTYPED])
+def test_a_yaml_error_beside_a_secret_is_one_line_that_never_quotes_it(
+    tmp_path: Path, text: str
+) -> None:
+    message = error_of(tmp_path, text)
+    assert "not valid YAML: line " in message
+    assert "\n" not in message
+    for part in (SECRET, SECRET[:8], SECRET[-8:], "2024-13-45"):
+        assert part not in message
+
+
+@pytest.mark.parametrize("loader", [yaml.SafeLoader, yaml.CSafeLoader], ids=["python", "libyaml"])
+@pytest.mark.parametrize("text", BESIDE_A_SECRET.values(), ids=BESIDE_A_SECRET.keys())
+def test_either_yaml_parsers_problem_text_is_shown_without_its_quotes_of_the_file(
+    text: str, loader: type[yaml.SafeLoader]
+) -> None:
+    # PyYAML's own parser quotes alias and tag names, and escaped letters: all of them
+    # may be a secret's text. libyaml's parser is the one used where it is installed.
+    with pytest.raises(yaml.YAMLError) as info:
+        yaml.load(text, Loader=loader)
+    message = configfile.describe(info.value, text)
+    assert message.startswith("line ")
+    assert SECRET[:8] not in message and "\n" not in message
+    assert "'q'" not in message  # the letter after a backslash, in "escape"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [("a:\n\tb: 1\n", "'\\t'"), ("a: @b\n", "'@'"), ("a: `b\n", "'`'")],
+)
+def test_the_character_that_broke_the_syntax_is_named_by_either_parser(
+    text: str, shown: str
+) -> None:
+    for loader in (yaml.SafeLoader, yaml.CSafeLoader):
+        with pytest.raises(yaml.YAMLError) as info:
+            yaml.load(text, Loader=loader)
+        assert f"found character {shown} that cannot start any token" in (
+            configfile.describe(info.value, text))
+
+
+def test_a_value_its_type_cannot_hold_is_a_config_error_with_its_position(
+    tmp_path: Path
+) -> None:
+    # PyYAML raises a bare ValueError for these, which would end in a traceback.
+    message = error_of(tmp_path, "shutdown_timeout: 2024-13-45\n" + yaml.safe_dump(BASE))
+    assert message.endswith("not valid YAML: line 1, column 19: this value cannot be read as "
+                            "a timestamp; quote it to keep it as text")
 
 
 def test_an_empty_file_fails_for_want_of_credentials(tmp_path: Path) -> None:
