@@ -9,7 +9,10 @@ trust rather than parsing:
   tag name, a character) is kept only when it is a single character that is no letter
   or digit: the one that broke the syntax, which tells nothing of a secret.
 * ``${NAME}`` and ``${NAME:-fallback}`` are replaced by environment variables as in sh,
-  Docker Compose and Kubernetes.
+  Docker Compose and Kubernetes; ``$${`` writes a literal ``${``, and every other ``$``
+  stands for itself (``pa$$word``, ``$5``). A ``${`` that does not parse is an error that
+  names the key and, where it can be read, the variable: it is far more likely a broken
+  reference to a secret than a secret, and must not be sent to bol as one.
 """
 
 from __future__ import annotations
@@ -142,27 +145,56 @@ def _position(text: str, index: int) -> str:
 
 # ------------------------------------------------------------------------ variables
 
-_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# "$${" (a literal "${"), or "${" up to the next "}" (which may be missing).
+_REFERENCE = re.compile(r"\$\$\{|\$\{(?P<inside>[^}]*)(?P<close>\}?)")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(?![A-Za-z0-9_])")
+_FORM = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<fallback>.*))?", re.DOTALL)
+_LITERAL_HINT = "write $${ for a literal ${"
 
 
 def interpolate(value: Any, env: Mapping[str, str], path: str = "") -> Any:
     """Replace ``${NAME}`` and ``${NAME:-fallback}`` in every string of ``value``;
-    ``path`` is the key path of ``value``, for errors."""
+    ``$${`` becomes ``${``. ``path`` is the key path of ``value``, for errors."""
     if isinstance(value, dict):
         return {k: interpolate(v, env, f"{path}.{k}" if path else str(k))
                 for k, v in value.items()}
     if isinstance(value, list):
         return [interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
-    if not isinstance(value, str) or "$" not in value:
+    if not isinstance(value, str) or "${" not in value:
         return value
 
     def substitute(match: re.Match[str]) -> str:
-        name, fallback = match.group(1), match.group(2)
+        if match.group() == "$${":
+            return "${"
+        inside = match["inside"]
+        form = _FORM.fullmatch(inside)
+        if not match["close"] or form is None or "${" in (form["fallback"] or ""):
+            raise ConfigError(f"{path}: {_broken(inside, bool(match['close']))}; "
+                              f"{_LITERAL_HINT}")
+        name, fallback = form["name"], form["fallback"]
         # As in sh, Compose and Kubernetes: ":-" also covers a variable set to "".
         if fallback is not None and not env.get(name):
-            return fallback
+            return str(fallback)
         if name in env:
             return env[name]
         raise ConfigError(f"{path}: environment variable {name} is not set")
 
-    return _VARIABLE.sub(substitute, value)
+    # Substituted text is not scanned again: a variable's value may hold "${".
+    return _REFERENCE.sub(substitute, value)
+
+
+def _broken(inside: str, closed: bool) -> str:
+    """What is wrong with ``${inside}``, naming the variable if one can be read; the rest
+    of the value is never shown."""
+    named = _NAME.match(inside)
+    if named is None:
+        if not inside:
+            return "'${}' names no variable" if closed else "the value ends in '${'"
+        return ("'${' is not followed by a variable name (letters, digits and _, not "
+                "starting with a digit)")
+    name = named.group()
+    if not closed:
+        return f"the reference to variable {name} has no closing '}}'"
+    if "${" in inside:
+        return f"the fallback of variable {name} holds another '${{': nesting is not supported"
+    return f"after variable {name}, expected '}}' or ':-fallback}}'"

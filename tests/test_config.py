@@ -184,6 +184,64 @@ def test_unset_variable_is_an_error_naming_variable_and_key(
     assert variable in message
 
 
+def secret_set(value: str) -> str:
+    """A file whose one set has ``value`` as its client secret, written into the YAML as is."""
+    return f"credentials:\n  acme:\n    client_id: id\n    client_secret: {value}\n"
+
+
+@pytest.mark.parametrize(
+    ("value", "variable"),
+    [("${ACME_SECRET", "ACME_SECRET"), ("${ACME_SECRET:-" + SECRET, "ACME_SECRET"),
+     ("x${ACME_SECRET", "ACME_SECRET")],
+    ids=["bare", "with-fallback", "after-text"],
+)
+def test_an_unterminated_variable_is_an_error_naming_key_and_variable_not_a_secret(
+    tmp_path: Path, value: str, variable: str
+) -> None:
+    # Taken literally, "${ACME_SECRET" would be sent to bol as the client secret.
+    message = error_of(tmp_path, secret_set(value), env={variable: SECRET})
+    assert message.startswith("credentials.acme.client_secret:")
+    assert f"variable {variable} has no closing '}}'" in message
+    assert SECRET not in message
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("${}" + SECRET, "'${}' names no variable"),
+        ("${1X}" + SECRET, "not followed by a variable name"),
+        ("${ ACME}" + SECRET, "not followed by a variable name"),
+        (SECRET + "${", "the value ends in '${'"),
+        ("${ACME-" + SECRET + "}", "after variable ACME, expected '}' or ':-fallback}'"),
+        ("${ACME:?" + SECRET + "}", "after variable ACME, expected"),
+        ("${ACME:-${" + SECRET + "}}", "the fallback of variable ACME holds another '${': "
+                                      "nesting is not supported"),
+    ],
+    ids=["empty", "digit-first", "space", "at-the-end", "sh-default", "sh-error", "nested"],
+)
+def test_a_reference_that_does_not_parse_is_an_error_naming_the_key(
+    tmp_path: Path, value: str, said: str
+) -> None:
+    message = error_of(tmp_path, secret_set(f"'{value}'"), env={"ACME": "a"})
+    assert message.startswith("credentials.acme.client_secret:")
+    assert said in message
+    assert "write $${ for a literal ${" in message
+    assert SECRET[:8] not in message and SECRET[-8:] not in message
+
+
+@pytest.mark.parametrize(
+    ("written", "read"),
+    [("pa$$word", "pa$$word"), ("$5", "$5"), ("price$", "price$"), ("$ACME", "$ACME"),
+     ("a$b{c}", "a$b{c}"), ("$${ACME}", "${ACME}"), ("x$${y}$${", "x${y}${"),
+     ("$${ACME}-${ACME}", "${ACME}-from-env")],
+)
+def test_a_dollar_stays_literal_unless_it_starts_a_reference_and_doubled_escapes_one(
+    tmp_path: Path, written: str, read: str
+) -> None:
+    config = load_file(write(tmp_path, secret_set(f"'{written}'")), env={"ACME": "from-env"})
+    assert config.credentials["acme"].client_secret.reveal() == read
+
+
 # ---------------------------------------------------------------- structure errors
 
 
