@@ -8,11 +8,12 @@ cannot be read is exit status 1.
 
 from __future__ import annotations
 
+import difflib
 import hmac
 import os
 import re
 import ssl
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -232,9 +233,14 @@ def _join(path: str, key: str) -> str:
 
 
 class _Section:
-    """Reads the keys of one mapping, remembering the path for error messages."""
+    """Reads the keys of one mapping, remembering the path for error messages.
 
-    def __init__(self, raw: Any, path: str) -> None:
+    ``keys`` are the keys the mapping may have: any other is refused at once, before a
+    value is looked at, so that a misspelt key is reported as such (``client_secert``)
+    rather than as the key it should have been going missing.
+    """
+
+    def __init__(self, raw: Any, path: str, keys: Iterable[str] = ()) -> None:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -242,11 +248,18 @@ class _Section:
             raise ConfigError(f"{path}: must be a mapping, got {type(raw).__name__}")
         self.raw: dict[Any, Any] = dict(raw)
         self.path = path
+        self.known = list(keys)
+        if self.known:
+            for name in self.raw:
+                if name not in self.known:
+                    self._unknown(name)
 
     def key(self, name: str) -> str:
         return _join(self.path, name)
 
     def take(self, name: str, default: Any = None) -> Any:
+        if name not in self.known:
+            self.known.append(name)
         return self.raw.pop(name, default)
 
     def has(self, name: str) -> bool:
@@ -305,9 +318,17 @@ class _Section:
         return value
 
     def done(self) -> None:
-        """Unknown keys are errors (SPEC §3.1); name the first one."""
+        """Every key should have been taken: a key left over is unknown."""
         for name in self.raw:
-            raise ConfigError(f"{self.key(str(name))}: unknown key '{name}'")
+            self._unknown(name)
+
+    def _unknown(self, name: Any) -> None:
+        """Unknown keys are errors, not ignored: a misspelt setting would silently keep
+        its default. The nearest known key is suggested (never for set names, which a
+        section of sets does not check)."""
+        close = difflib.get_close_matches(str(name), self.known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{self.key(str(name))}: unknown key '{name}'{hint}")
 
 
 def _show(value: Any) -> str:
@@ -315,13 +336,25 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# The keys each section may have (the sets under credentials have names of their own).
+TOP_KEYS = ("listen", "upstream", "limits", "tokens", "shutdown_timeout", "credentials",
+            "default_credentials")
+LISTEN_KEYS = ("host", "port")
+UPSTREAM_KEYS = ("api_url", "token_url", "connect_timeout", "timeout", "ca_file",
+                 "allowed_paths")
+LIMITS_KEYS = ("max_body_size", "replay_buffer")
+TOKENS_KEYS = ("refresh_margin", "default_ttl", "idle_after")
+SET_KEYS = ("client_id", "client_secret", "client_secret_file", "grant", "prefetch", "port",
+            "refresh_token_file", "redirect_uri")
+
+
 def validate(raw: Mapping[str, Any], source: str = "configuration") -> Config:
     """Turn a raw mapping into a :class:`Config`, or raise :class:`ConfigError`."""
-    top = _Section(raw, "")
-    listen = _listen(_Section(top.take("listen"), "listen"))
-    upstream = _upstream(_Section(top.take("upstream"), "upstream"))
-    limits = _limits(_Section(top.take("limits"), "limits"))
-    tokens = _tokens(_Section(top.take("tokens"), "tokens"))
+    top = _Section(raw, "", TOP_KEYS)
+    listen = _listen(_Section(top.take("listen"), "listen", LISTEN_KEYS))
+    upstream = _upstream(_Section(top.take("upstream"), "upstream", UPSTREAM_KEYS))
+    limits = _limits(_Section(top.take("limits"), "limits", LIMITS_KEYS))
+    tokens = _tokens(_Section(top.take("tokens"), "tokens", TOKENS_KEYS))
     shutdown_timeout = top.number("shutdown_timeout", 30.0)
     roots = {p.strip("/").split("/")[0] for p in upstream.allowed_paths}
     sets_raw = _Section(top.take("credentials"), "credentials")
@@ -420,7 +453,7 @@ def _credential_set(name: Any, raw: Any, roots: set[str]) -> CredentialSet:
         raise ConfigError(f"{path}: set names match [a-z0-9][a-z0-9_-]*, got {_show(name)}")
     if name in roots:
         raise ConfigError(f"{path}: a set may not be named like the API path /{name}")
-    s = _Section(raw, path)
+    s = _Section(raw, path, SET_KEYS)
     grant = s.string("grant", "client_credentials")
     if grant not in ("client_credentials", "refresh_token"):
         raise ConfigError(

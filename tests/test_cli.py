@@ -206,6 +206,17 @@ async def test_check_of_a_bad_file_fails_with_one_line_naming_the_problem(
     assert "Traceback" not in done.stderr
 
 
+async def test_check_of_a_misspelt_key_suggests_the_known_one(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text("listen: {prot: 9000}\n" + SETA, encoding="utf-8")
+
+    done = await run("--check", "--config", str(path))
+
+    assert done.status == 2
+    assert done.stderr_lines == [
+        "bol-proxy: listen.prot: unknown key 'prot' (did you mean 'port'?)"]
+
+
 async def test_check_of_a_yaml_syntax_error_names_reason_line_and_column(
     tmp_path: Path
 ) -> None:

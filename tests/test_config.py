@@ -265,6 +265,42 @@ def test_unknown_key_is_rejected_with_its_path(
 
 
 @pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (with_(listen={"prot": 8080}), "listen.prot: unknown key 'prot' (did you mean 'port'?)"),
+        (with_(credentials=None, credential=BASE["credentials"]),
+         "credential: unknown key 'credential' (did you mean 'credentials'?)"),
+        (acme(client_secret=None, client_secert=SECRET),
+         "credentials.acme.client_secert: unknown key 'client_secert' "
+         "(did you mean 'client_secret'?)"),
+        (with_(tokens={"refresh_margn": 5}),
+         "tokens.refresh_margn: unknown key 'refresh_margn' (did you mean 'refresh_margin'?)"),
+        (with_(upstream={"token-url": "https://x.example/t"}),
+         "upstream.token-url: unknown key 'token-url' (did you mean 'token_url'?)"),
+    ],
+    ids=["listen", "top-level", "set", "tokens", "hyphen"],
+)
+def test_an_unknown_key_close_to_a_known_one_is_reported_first_with_a_suggestion(
+    tmp_path: Path, raw: dict[str, Any], message: str
+) -> None:
+    # Reported before the key it stands for is found missing: "credentials: at least one
+    # set is required" would send the user looking in the wrong place.
+    assert error_of(tmp_path, raw) == message
+
+
+def test_an_unknown_key_like_no_known_one_gets_no_suggestion(tmp_path: Path) -> None:
+    assert error_of(tmp_path, with_(listen={"colour": "blue"})) == (
+        "listen.colour: unknown key 'colour'")
+
+
+@pytest.mark.parametrize("raw", [with_(default_credentials="acne"),
+                                 with_(credentials={"acme": {"client_id": "i"},
+                                                    "acne": "not a set"})])
+def test_set_names_are_never_suggested(tmp_path: Path, raw: dict[str, Any]) -> None:
+    assert "did you mean" not in error_of(tmp_path, raw)
+
+
+@pytest.mark.parametrize(
     ("raw", "key", "shown"),
     [
         (with_(listen={"port": "eighty"}), "listen.port", "'eighty'"),
