@@ -20,7 +20,7 @@ from dataclasses import replace
 from proxy import config as configuration
 from proxy import logs
 from proxy.app import ProxyServer
-from proxy.config import Config, Listen
+from proxy.config import Config, Listen, plural
 from proxy.errors import ConfigError, ConfigFileError, StartupError
 
 log = logging.getLogger("proxy")
@@ -153,8 +153,9 @@ async def serve(config: Config, load: Callable[[], Config]) -> int:
     # keep it out of every later full garbage collection, whose pauses are latency.
     gc.collect()
     gc.freeze()
-    log.info("bol-proxy listening on http://%s:%d (%d credential sets, default: %s; %s)",
-             config.listen.host, server.port(), len(config.credentials),
+    log.info("bol-proxy listening on http://%s:%d (%s, default: %s; %s)",
+             config.listen.host, server.port(), plural(len(config.credentials),
+                                                       "credential set"),
              config.default_credentials, type(asyncio.get_running_loop()).__module__)
     async with asyncio.TaskGroup() as group:
         watcher = group.create_task(_reload_on_signal(server, reloads, load))

@@ -543,7 +543,8 @@ def summary(config: Config) -> Iterator[str]:
     t = config.tokens
     yield (f"tokens: refresh_margin {t.refresh_margin:g}s, default_ttl {t.default_ttl:g}s, "
            f"idle_after {t.idle_after:g}s")
-    yield f"credential sets: {len(config.credentials)} (default: {config.default_credentials})"
+    yield (f"{plural(len(config.credentials), 'credential set')} "
+           f"(default: {config.default_credentials})")
     shown: Callable[[CredentialSet], str] = lambda c: (  # noqa: E731
         f"  {c.name}: client_id {c.client_id}, client_secret ********, grant {c.grant}, "
         f"{'prefetch' if c.prefetch else 'on demand'}"
@@ -554,3 +555,8 @@ def summary(config: Config) -> Iterator[str]:
         yield shown(cred)
     if len(config.credentials) > 50:
         yield f"  ... and {len(config.credentials) - 50} more"
+
+
+def plural(count: int, noun: str) -> str:
+    """A count and its noun in agreement: ``1 credential set``, ``2 credential sets``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

@@ -231,6 +231,16 @@ async def test_check_of_a_yaml_syntax_error_names_reason_line_and_column(
         "cannot start any token"]
 
 
+async def test_check_summary_says_1_credential_set(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(SETA, encoding="utf-8")
+
+    done = await run("--check", "--config", str(path))
+
+    assert done.status == 0, done.stderr
+    assert "1 credential set (default: seta)" in done.stdout.splitlines()
+
+
 async def test_check_without_any_configuration_says_how_to_configure() -> None:
     done = await run("--check")
 
@@ -272,6 +282,19 @@ async def test_zero_config_from_the_environment_serves_orders(
         assert status == 200
         assert json.loads(body)["orders"][0]["orderId"] == "1043946570"
         assert fake.api_requests[-1].client_id == DEMO_CLIENT_ID
+        proxy.send(signal.SIGTERM)
+        assert (await proxy.finish()).status == 0
+
+
+async def test_the_startup_line_counts_1_credential_set_in_the_singular(
+    bol: tuple[FakeBol, str]
+) -> None:
+    _, url = bol
+    env = command_env(BOL_CLIENT_ID=DEMO_CLIENT_ID, BOL_CLIENT_SECRET=DEMO_CLIENT_SECRET,
+                      BOL_PROXY_PORT="0", BOL_API_URL=url, BOL_TOKEN_URL=url + "/token")
+    async with started(env=env) as proxy:
+        await proxy.line("stderr", r"listening on http://\S+ \(1 credential set, default: "
+                                   r"default;", START)
         proxy.send(signal.SIGTERM)
         assert (await proxy.finish()).status == 0
 

@@ -18,6 +18,7 @@ from proxy.config import (
     load,
     load_env,
     load_file,
+    plural,
     summary,
     validate,
 )
@@ -541,6 +542,17 @@ def test_summary_lines_never_hold_the_secret(tmp_path: Path) -> None:
     assert SECRET not in text and SECRET_2 not in text
     assert "acme-id" in text and "p-id" in text and "port 9001" in text
     assert "(default: acme)" in text
+
+
+@pytest.mark.parametrize(("count", "said"), [(0, "0 credential sets"), (1, "1 credential set"),
+                                             (2, "2 credential sets")])
+def test_a_count_agrees_with_its_noun(count: int, said: str) -> None:
+    assert plural(count, "credential set") == said
+
+
+def test_summary_of_one_set_says_one_credential_set(tmp_path: Path) -> None:
+    lines = list(summary(load_file(write(tmp_path, BASE), env={})))
+    assert "1 credential set (default: acme)" in lines
 
 
 @pytest.mark.parametrize(
