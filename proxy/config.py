@@ -88,6 +88,12 @@ class Upstream:
         parts = urlsplit(self.token_url)
         return f"{parts.scheme}://{parts.netloc}/authorize"
 
+    @property
+    def token_host(self) -> str:
+        """The token endpoint's host (and port, if the URL gives one), for messages:
+        ``login.bol.com`` unless ``token_url`` points elsewhere."""
+        return urlsplit(self.token_url).netloc
+
 
 @dataclass(frozen=True)
 class Limits:
