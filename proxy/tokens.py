@@ -127,6 +127,7 @@ class TokenSource:
         self.last_used = -math.inf
         self.last_renewal: float | None = None  # wall clock
         self.last_error: str | None = None
+        self._last_detail = ""  # of the last failure, written by oauth (never a secret)
         self.failures = 0
         self._next_attempt = -math.inf
         self._inflight: asyncio.Task[Token | TokenEndpointError] | None = None
@@ -239,7 +240,7 @@ class TokenSource:
         else:
             log.warning("set %s: token request failed (%s); attempt %d, retrying in %.1f s",
                         self.cred.name, exc.detail, self.failures, delay)
-        self.last_error = exc.code
+        self.last_error, self._last_detail = exc.code, exc.detail
         self._wake.set()
         return exc
 
@@ -253,11 +254,13 @@ class TokenSource:
             None: "no token fetched yet",
             "malformed": "the token endpoint gave an unusable answer",
             "timeout": "the token endpoint did not answer in time",
-            "unreachable": "the token endpoint is unreachable",
             "expired": "the token endpoint answered with an already expired token",
         }.get(self.last_error, f"the last token request failed ({self.last_error})")
         if self.last_error in REJECTIONS:
             why = f"{self.token_host} refused the credentials ({self.last_error})"
+        elif self.last_error == "unreachable":
+            # Which of DNS, a refused connection or TLS it was is the operator's next step.
+            why = f"the token endpoint is unreachable: {self._last_detail}"
         elif self.last_error == NO_REFRESH_TOKEN:
             why = "there is no refresh token yet: run bol-proxy authorize " + self.cred.name
         return TokenUnavailable(

@@ -572,6 +572,19 @@ async def test_a_reload_that_moves_the_token_endpoint_names_the_new_host(
     assert "login.moved.example refused the credentials" in caught.value.detail
 
 
+async def test_an_unreachable_token_endpoint_says_what_failed(make_bench: MakeBench) -> None:
+    bench = make_bench()
+    bench.obtain("seta").fail("unreachable", "cannot resolve login.bol.com (DNS)")
+    bench.tokens.start()
+    await settle()
+
+    with pytest.raises(TokenUnavailable) as caught:
+        await bench.source().get()
+
+    assert ("the token endpoint is unreachable: cannot resolve login.bol.com (DNS)"
+            in caught.value.detail)
+
+
 async def test_malformed_answers_are_retried_and_never_stop_renewal(
     make_bench: MakeBench, clock: FakeClock
 ) -> None:
