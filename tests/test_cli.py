@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.metadata
 import json
 import os
 import re
@@ -29,6 +30,7 @@ import pytest
 import yaml
 from aiohttp import web
 
+from proxy import __version__
 from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, V10, FakeBol
 from tests.conftest import SECRET_B, base_config
 
@@ -239,6 +241,26 @@ async def test_check_summary_says_1_credential_set(tmp_path: Path) -> None:
 
     assert done.status == 0, done.stderr
     assert "1 credential set (default: seta)" in done.stdout.splitlines()
+
+
+async def test_version_prints_the_name_and_version_and_exits_0() -> None:
+    done = await run("--version")
+
+    assert done.status == 0, done.stderr
+    assert done.stdout == f"bol-proxy {__version__}"
+    assert importlib.metadata.version("bol-proxy") == __version__  # one version, not two
+
+
+async def test_authorize_help_explains_both_steps() -> None:
+    done = await run("authorize", "--help")
+
+    assert done.status == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    for step in ("Run it without --code", "prints bol's authorize URL",
+                 "redirects the browser to the set's redirect_uri with ?code=...&state=...",
+                 "Run it again with that code, written --code=CODE (a code may start with '-')",
+                 "bol-proxy authorize partner-shop --config config.yaml --code=CODE"):
+        assert step in text
 
 
 async def test_check_without_any_configuration_says_how_to_configure() -> None:
