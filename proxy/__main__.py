@@ -1,4 +1,4 @@
-"""Command line (SPEC §2): run the proxy, check a configuration, authorise, or demo.
+"""Command line: run the proxy, check a configuration, authorise, or demo.
 
 Exit status: 0 after a clean shutdown, 2 for a configuration error, 1 for any other
 failure to start. Errors are one line on stderr, without a traceback.

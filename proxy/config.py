@@ -1,9 +1,10 @@
 """Configuration: read once, validated into frozen dataclasses, secrets masked.
 
-The YAML file (SPEC §3.1) and the zero-config environment (§3.3) both become one raw
-mapping that a single validator turns into a :class:`Config`. Every error names the key
-path and the offending value (never a secret) and becomes exit status 2; a file that
-cannot be read is exit status 1.
+The YAML file (read by :mod:`proxy.configfile`) and the zero-config environment (one set
+from ``BOL_*`` variables) both become one raw mapping that a single validator turns into
+a :class:`Config`. Every error names the key path and the offending value (never a
+secret) and becomes exit status 2; a file that cannot be read is exit status 1. A key
+that is not known gets the nearest known one suggested, for typos such as ``prot``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Secret:
         self._value = value
 
     def reveal(self) -> str:
-        """The secret itself; call only where it leaves for login.bol.com."""
+        """The secret itself; call only where it leaves for the token endpoint."""
         return self._value
 
     def __repr__(self) -> str:
@@ -84,7 +85,7 @@ class Upstream:
 
     @property
     def authorize_url(self) -> str:
-        """bol's authorize endpoint lives beside its token endpoint (BOL-API.md)."""
+        """bol's authorize endpoint: ``/authorize`` on the host of its token endpoint."""
         parts = urlsplit(self.token_url)
         return f"{parts.scheme}://{parts.netloc}/authorize"
 
@@ -142,7 +143,8 @@ class Config:
     source: str = "defaults"
 
     def dedicated_ports(self) -> dict[int, str]:
-        """Listener port -> the set every request on it uses (SPEC §4 rule 1)."""
+        """Listener port -> the set every request on it uses (a set's dedicated port
+        comes before every other way of naming a set)."""
         return {s.port: s.name for s in self.credentials.values() if s.port is not None}
 
 
@@ -176,7 +178,9 @@ def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
 
 
 def load_env(env: Mapping[str, str] | None = None) -> Config:
-    """Zero-config (SPEC §3.3): one set named ``default`` from BOL_* variables."""
+    """Zero-config: one set named ``default`` from ``BOL_CLIENT_ID`` and
+    ``BOL_CLIENT_SECRET`` (or ``BOL_CLIENT_SECRET_FILE``); ``BOL_PROXY_HOST``,
+    ``BOL_PROXY_PORT``, ``BOL_API_URL`` and ``BOL_TOKEN_URL`` override the defaults."""
     env = os.environ if env is None else env
     if not env.get("BOL_CLIENT_ID"):
         raise ConfigError(
@@ -508,7 +512,8 @@ def _secret(s: _Section, name: str) -> Secret | None:
 
 
 def read_secret_file(file_name: str | os.PathLike[str], key: str) -> str:
-    """A secret kept in a file, trailing newline stripped (SPEC §3.2)."""
+    """A secret kept in a file, trailing newline stripped (as editors and ``echo`` leave
+    one)."""
     try:
         value = Path(file_name).read_text(encoding="utf-8").rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as exc:

@@ -74,7 +74,8 @@ def code_form(code: str, redirect_uri: str) -> dict[str, str]:
 
 
 def authorize_url(base: str, cred: CredentialSet, state: str | None = None) -> tuple[str, str]:
-    """bol's authorize URL for ``cred`` and the ``state`` it carries (SPEC §6.3)."""
+    """bol's authorize URL for ``cred`` (code flow, ``offline_access``) and the fresh
+    ``state`` it carries, which bol sends back with the code."""
     state = state or secrets.token_urlsafe(24)
     query = {"response_type": "code", "client_id": cred.client_id, "scope": "offline_access",
              "state": state}

@@ -7,7 +7,7 @@ Where tokens are renewed, and why it is safe:
   another set or of an older configuration of its own set. An entry disappears from the
   cache at its ``usable_until``, so an expired token cannot be handed out.
 * A token counts from the moment its request was *sent*, and is usable until one second
-  before that count runs out: bol allows only one second of clock skew (BOL-API.md).
+  before that count runs out: bol allows only one second of clock skew.
 * Single flight: one fetch per set at any moment; every concurrent caller awaits the same
   task (shielded, so a caller that disconnects does not cancel it) and gets its outcome.
 * Renewal (:class:`RenewalPolicy`, pure): ``refresh_margin`` before expiry less up to a

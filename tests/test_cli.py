@@ -1,4 +1,4 @@
-"""End-to-end runs of the real command (SPEC §2, §3.3, §6.3, §8).
+"""End-to-end runs of the real command: checks, serving, signals, logs, authorize.
 
 Every test starts ``python -m proxy`` in a subprocess; where it needs bol, the recording
 imitation (``FakeBol``) runs in the test process on 127.0.0.1:0 as its upstream. No test
@@ -153,7 +153,7 @@ async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
 
 
 def partner_config(url: str, folder: Path) -> dict[str, Any]:
-    """``base_config`` plus ``partner``, an authorised-party set (SPEC §6.3)."""
+    """``base_config`` plus ``partner``, an authorised-party set (refresh-token grant)."""
     raw = base_config(url)
     raw["credentials"]["partner"] = {
         "grant": "refresh_token", "client_id": DEMO_CLIENT_ID,
@@ -164,7 +164,7 @@ def partner_config(url: str, folder: Path) -> dict[str, Any]:
     return raw
 
 
-# ------------------------------------------------------------------- --check (SPEC §2)
+# --------------------------------------------------------------------------- --check
 
 
 async def test_check_of_a_valid_file_prints_a_summary_without_secrets(tmp_path: Path) -> None:
@@ -286,7 +286,7 @@ async def test_a_port_option_out_of_range_is_a_configuration_error(
     assert "port" in done.stderr and "70000" in done.stderr
 
 
-# ------------------------------------------------------------ serving (SPEC §3.3, §2)
+# --------------------------------------------------------------------------- serving
 
 
 async def test_zero_config_from_the_environment_serves_orders(
@@ -370,7 +370,7 @@ async def test_port_in_use_exits_1_with_one_line(
     assert "Traceback" not in done.stderr
 
 
-# -------------------------------------------------------------- signals (SPEC §8)
+# --------------------------------------------------------------------------- signals
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -431,7 +431,7 @@ async def test_sighup_reload_adds_a_set_and_a_broken_file_keeps_the_running_one(
         assert (await proxy.finish()).status == 0
 
 
-# ------------------------------------------------------------------ logs (SPEC §8, §3.2)
+# ------------------------------------------------------------------------------ logs
 
 
 async def test_json_log_format_makes_every_line_json_with_access_fields(
@@ -496,7 +496,7 @@ async def test_debug_run_logs_no_client_secret_and_no_access_token(
     assert [secret for secret in leaks if secret in everything] == []
 
 
-# ------------------------------------------------------------- authorize (SPEC §6.3)
+# ------------------------------------------------------------------------- authorize
 
 
 @pytest.mark.parametrize("given", ["--config after SET", "--config before", "BOL_PROXY_CONFIG"])

@@ -1,4 +1,4 @@
-"""Configuration loading and validation (SPEC §3), driven through files in tmp_path."""
+"""Configuration loading and validation, driven through files in tmp_path."""
 
 from __future__ import annotations
 
@@ -567,7 +567,7 @@ def test_summary_of_one_set_says_one_credential_set(tmp_path: Path) -> None:
 def test_a_misshaped_credentials_section_does_not_echo_the_secret(
     tmp_path: Path, text: str
 ) -> None:
-    # The message reaches stderr and the logs on SIGHUP (SPEC §3.2: never a secret).
+    # The message reaches stderr, and the logs on SIGHUP: never a secret there.
     message = error_of(tmp_path, text)
     assert message.startswith("credentials")
     assert SECRET not in message

@@ -1,6 +1,5 @@
-"""Token requests and how their answers are read (SPEC §6.1, §6.3), without sockets;
-and, at the end, how a failed connection to the token endpoint reads, against servers on
-127.0.0.1."""
+"""Token requests and how their answers are read, without sockets; and, at the end, how
+a failed connection to the token endpoint reads, against servers on 127.0.0.1."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token renewal, single flight and invalidation (SPEC §6.2), without sockets.
+"""Token renewal, single flight and invalidation, without sockets.
 
 The token sources run against a fake ``obtain`` coroutine and the :class:`FakeClock`: time
 moves only when a test advances it, so every renewal, retry and expiry happens at a known
