@@ -70,7 +70,8 @@ class _Loader(_SafeLoader):  # type: ignore[misc,valid-type]
             # which carry no position. The innermost node is the one that failed.
             tag = str(node.tag)
             kind = tag[len(_STANDARD_TAG):] if tag.startswith(_STANDARD_TAG) else ""
-            what = f"a {kind}" if kind in _KINDS else "its type"
+            article = "an" if kind[:1] in ("i", "o") else "a"  # an int, an omap
+            what = f"{article} {kind}" if kind in _KINDS else "its type"
             raise yaml.constructor.ConstructorError(
                 None, None, f"this value cannot be read as {what}; quote it to keep it as text",
                 node.start_mark) from None

@@ -445,13 +445,17 @@ def test_the_character_that_broke_the_syntax_is_named_by_either_parser(
             configfile.describe(info.value, text))
 
 
+@pytest.mark.parametrize(("value", "kind"), [("2024-13-45", "a timestamp"),
+                                             ("!!int forty", "an int"),
+                                             ("!!bool maybe", "a bool")])
 def test_a_value_its_type_cannot_hold_is_a_config_error_with_its_position(
-    tmp_path: Path
+    tmp_path: Path, value: str, kind: str
 ) -> None:
-    # PyYAML raises a bare ValueError for these, which would end in a traceback.
-    message = error_of(tmp_path, "shutdown_timeout: 2024-13-45\n" + yaml.safe_dump(BASE))
-    assert message.endswith("not valid YAML: line 1, column 19: this value cannot be read as "
-                            "a timestamp; quote it to keep it as text")
+    # PyYAML raises a bare ValueError or KeyError for these, quoting the value, which
+    # would end in a traceback.
+    message = error_of(tmp_path, f"shutdown_timeout: {value}\n" + yaml.safe_dump(BASE))
+    assert message.endswith(f"not valid YAML: line 1, column 19: this value cannot be read as "
+                            f"{kind}; quote it to keep it as text")
 
 
 def test_an_empty_file_fails_for_want_of_credentials(tmp_path: Path) -> None:
