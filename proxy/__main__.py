@@ -1,4 +1,4 @@
-"""Command line (SPEC §2): run the proxy, check a configuration, authorise, or demo.
+"""Command line: run the proxy, check a configuration, authorise, or demo.
 
 Exit status: 0 after a clean shutdown, 2 for a configuration error, 1 for any other
 failure to start. Errors are one line on stderr, without a traceback.
@@ -17,14 +17,31 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from proxy import __version__, logs
 from proxy import config as configuration
-from proxy import logs
 from proxy.app import ProxyServer
-from proxy.config import Config, Listen
+from proxy.config import Config, Listen, plural
 from proxy.errors import ConfigError, ConfigFileError, StartupError
 from proxy.listeners import PortInUse
 
 log = logging.getLogger("proxy")
+
+AUTHORIZE_STEPS = """\
+Connects a seller's shop to a credential set with grant: refresh_token, in two steps:
+
+  1. Run it without --code. It prints bol's authorize URL for the set; the seller opens
+     it, logs in and approves. bol then redirects the browser to the set's redirect_uri
+     with ?code=...&state=... added. Check that state is the one printed.
+  2. Run it again with that code, written --code=CODE (a code may start with '-').
+     The code is exchanged for a refresh token, which is written to the set's
+     refresh_token_file (mode 0600). Codes are single-use and short-lived: a failed
+     exchange needs a new authorisation from step 1.
+"""
+AUTHORIZE_EXAMPLE = """\
+example:
+  bol-proxy authorize partner-shop --config config.yaml
+  bol-proxy authorize partner-shop --config config.yaml --code=CODE
+"""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=logs.FORMATS, default="text")
     p.add_argument("--check", action="store_true",
                    help="validate the configuration, print a summary (secrets masked), exit")
+    p.add_argument("--version", action="version", version=f"bol-proxy {__version__}")
     # The logging options are accepted after a command too (bol-proxy demo --log-format
     # json); there they only override what was given before it.
     logging_options = argparse.ArgumentParser(add_help=False)
@@ -53,11 +71,15 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, dest="demo_port",
                       help="port of the demo proxy (default: 8080)")
     auth = sub.add_parser("authorize", parents=[logging_options],
-                          help="connect a seller's shop to a refresh-token set")
+                          help="connect a seller's shop to a refresh-token set",
+                          description=AUTHORIZE_STEPS, epilog=AUTHORIZE_EXAMPLE,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     auth.add_argument("set", help="name of a credential set with grant: refresh_token")
     auth.add_argument("--config", dest="auth_config", metavar="CONFIG",
                       help="YAML configuration file (default: $BOL_PROXY_CONFIG)")
-    auth.add_argument("--code", help="the code from bol's redirect, to exchange")
+    auth.add_argument("--code", metavar="CODE",
+                      help="step 2: the code from bol's redirect, to exchange; write "
+                           "--code=CODE")
     return p
 
 
@@ -154,7 +176,7 @@ async def serve(config: Config, load: Callable[[], Config]) -> int:
     gc.freeze()
     log.info("bol-proxy listening on %s (%s, default: %s; %s)",
              ", ".join(server.listeners.addresses()),
-             configuration.plural(len(config.credentials), "credential set"),
+             plural(len(config.credentials), "credential set"),
              config.default_credentials, type(asyncio.get_running_loop()).__module__)
     async with asyncio.TaskGroup() as group:
         watcher = group.create_task(_reload_on_signal(server, reloads, load))

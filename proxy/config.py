@@ -1,13 +1,15 @@
 """Configuration: read once, validated into frozen dataclasses, secrets masked.
 
-The YAML file (SPEC §3.1) and the zero-config environment (§3.3) both become one raw
-mapping that a single validator turns into a :class:`Config`. Every error names the key
-path and the offending value (never a secret) and becomes exit status 2; a file that
-cannot be read is exit status 1.
+The YAML file (read by :mod:`proxy.configfile`) and the zero-config environment (one set
+from ``BOL_*`` variables) both become one raw mapping that a single validator turns into
+a :class:`Config`. Every error names the key path and the offending value (never a
+secret) and becomes exit status 2; a file that cannot be read is exit status 1. A key
+that is not known gets the nearest known one suggested, for typos such as ``prot``.
 """
 
 from __future__ import annotations
 
+import difflib
 import hmac
 import os
 import re
@@ -19,41 +21,13 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
-
+from . import configfile
 from .errors import ConfigError, ConfigFileError
 
-# libyaml's loader where installed: 10,000 credential sets load five times faster.
-_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_SECONDS = 7 * 86400.0  # the largest duration any setting takes: a week
 
 
-class DuplicateKey(yaml.constructor.ConstructorError):
-    """A mapping names one key twice: YAML would silently keep the last one."""
-
-
-class _Loader(_SafeLoader):  # type: ignore[misc,valid-type]
-    """A safe loader that refuses duplicate keys: a copied credential set that reuses a
-    name must not quietly replace the first one."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # "<<: *anchor": keys given beside it override what it merges
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                continue  # unhashable: the base class says so
-            if duplicate:
-                raise DuplicateKey(None, None, f"duplicate key '{str(key)[:64]}'",
-                                   key_node.start_mark)
-            seen.add(key)
-        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return mapping
 SET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
-_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 DEFAULT_ALLOWED_PATHS = (
     "/retailer",
     "/retailer-demo",
@@ -74,7 +48,7 @@ class Secret:
         self._value = value
 
     def reveal(self) -> str:
-        """The secret itself; call only where it leaves for login.bol.com."""
+        """The secret itself; call only where it leaves for the token endpoint."""
         return self._value
 
     def __repr__(self) -> str:
@@ -111,9 +85,15 @@ class Upstream:
 
     @property
     def authorize_url(self) -> str:
-        """bol's authorize endpoint lives beside its token endpoint (BOL-API.md)."""
+        """bol's authorize endpoint: ``/authorize`` on the host of its token endpoint."""
         parts = urlsplit(self.token_url)
         return f"{parts.scheme}://{parts.netloc}/authorize"
+
+    @property
+    def token_host(self) -> str:
+        """The token endpoint's host (and port, if the URL gives one), for messages:
+        ``login.bol.com`` unless ``token_url`` points elsewhere."""
+        return urlsplit(self.token_url).netloc
 
 
 @dataclass(frozen=True)
@@ -172,7 +152,8 @@ class Config:
     source: str = "defaults"
 
     def dedicated_ports(self) -> dict[int, str]:
-        """Listener port -> the set every request on it uses (SPEC §4 rule 1)."""
+        """Listener port -> the set every request on it uses (a set's dedicated port
+        comes before every other way of naming a set)."""
         return {s.port: s.name for s in self.credentials.values() if s.port is not None}
 
 
@@ -186,19 +167,12 @@ def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigFileError(f"cannot read configuration file {path}: {_reason(exc)}") from exc
-    try:
-        raw = yaml.load(text, Loader=_Loader)  # a safe loader: CSafeLoader or SafeLoader
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" (line {where.line + 1})" if where is not None else ""
-        if isinstance(exc, DuplicateKey):
-            raise ConfigError(f"{path}: {exc.problem}{at}") from None
-        raise ConfigError(f"{path}: not valid YAML{at}") from None
+    raw = configfile.parse(text, str(path))
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    raw = interpolate(raw, env)
+    raw = configfile.interpolate(raw, env)
     # The listener variables are defaults under a file too, so that an image can set
     # BOL_PROXY_HOST=0.0.0.0 once; a file that names listen.host/port wins.
     listen = raw.get("listen")
@@ -213,7 +187,9 @@ def load_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
 
 
 def load_env(env: Mapping[str, str] | None = None) -> Config:
-    """Zero-config (SPEC §3.3): one set named ``default`` from BOL_* variables."""
+    """Zero-config: one set named ``default`` from ``BOL_CLIENT_ID`` and
+    ``BOL_CLIENT_SECRET`` (or ``BOL_CLIENT_SECRET_FILE``); ``BOL_PROXY_HOST``,
+    ``BOL_PROXY_PORT``, ``BOL_API_URL`` and ``BOL_TOKEN_URL`` override the defaults."""
     env = os.environ if env is None else env
     if not env.get("BOL_CLIENT_ID"):
         raise ConfigError(
@@ -268,38 +244,22 @@ def _reason(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
 
 
-def interpolate(value: Any, env: Mapping[str, str], path: str = "") -> Any:
-    """Replace ``${NAME}`` and ``${NAME:-fallback}`` in every string of ``value``."""
-    if isinstance(value, dict):
-        return {k: interpolate(v, env, _join(path, str(k))) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
-    if not isinstance(value, str) or "$" not in value:
-        return value
-
-    def substitute(match: re.Match[str]) -> str:
-        name, fallback = match.group(1), match.group(2)
-        # As in sh, Compose and Kubernetes: ":-" also covers a variable set to "".
-        if fallback is not None and not env.get(name):
-            return fallback
-        if name in env:
-            return env[name]
-        raise ConfigError(f"{path}: environment variable {name} is not set")
-
-    return _VARIABLE.sub(substitute, value)
+# ------------------------------------------------------------------------ validation
 
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-# ------------------------------------------------------------------------ validation
-
-
 class _Section:
-    """Reads the keys of one mapping, remembering the path for error messages."""
+    """Reads the keys of one mapping, remembering the path for error messages.
 
-    def __init__(self, raw: Any, path: str) -> None:
+    ``keys`` are the keys the mapping may have: any other is refused at once, before a
+    value is looked at, so that a misspelt key is reported as such (``client_secert``)
+    rather than as the key it should have been going missing.
+    """
+
+    def __init__(self, raw: Any, path: str, keys: Iterable[str] = ()) -> None:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -307,11 +267,18 @@ class _Section:
             raise ConfigError(f"{path}: must be a mapping, got {type(raw).__name__}")
         self.raw: dict[Any, Any] = dict(raw)
         self.path = path
+        self.known = list(keys)
+        if self.known:
+            for name in self.raw:
+                if name not in self.known:
+                    self._unknown(name)
 
     def key(self, name: str) -> str:
         return _join(self.path, name)
 
     def take(self, name: str, default: Any = None) -> Any:
+        if name not in self.known:
+            self.known.append(name)
         return self.raw.pop(name, default)
 
     def has(self, name: str) -> bool:
@@ -370,9 +337,17 @@ class _Section:
         return value
 
     def done(self) -> None:
-        """Unknown keys are errors (SPEC §3.1); name the first one."""
+        """Every key should have been taken: a key left over is unknown."""
         for name in self.raw:
-            raise ConfigError(f"{self.key(str(name))}: unknown key '{name}'")
+            self._unknown(name)
+
+    def _unknown(self, name: Any) -> None:
+        """Unknown keys are errors, not ignored: a misspelt setting would silently keep
+        its default. The nearest known key is suggested (never for set names, which a
+        section of sets does not check)."""
+        close = difflib.get_close_matches(str(name), self.known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{self.key(str(name))}: unknown key '{name}'{hint}")
 
 
 def _show(value: Any) -> str:
@@ -380,14 +355,28 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# The keys each section may have (the sets under credentials have names of their own).
+TOP_KEYS = ("listen", "upstream", "limits", "tokens", "rate_limits", "shutdown_timeout",
+            "credentials", "default_credentials")
+LISTEN_KEYS = ("host", "port")
+UPSTREAM_KEYS = ("api_url", "token_url", "connect_timeout", "timeout", "ca_file",
+                 "allowed_paths")
+LIMITS_KEYS = ("max_body_size", "replay_buffer")
+TOKENS_KEYS = ("refresh_margin", "default_ttl", "idle_after")
+RATE_LIMITS_KEYS = ("enabled", "max_wait")
+SET_KEYS = ("client_id", "client_secret", "client_secret_file", "grant", "prefetch", "port",
+            "refresh_token_file", "redirect_uri")
+
+
 def validate(raw: Mapping[str, Any], source: str = "configuration") -> Config:
     """Turn a raw mapping into a :class:`Config`, or raise :class:`ConfigError`."""
-    top = _Section(raw, "")
-    listen = _listen(_Section(top.take("listen"), "listen"))
-    upstream = _upstream(_Section(top.take("upstream"), "upstream"))
-    limits = _limits(_Section(top.take("limits"), "limits"))
-    tokens = _tokens(_Section(top.take("tokens"), "tokens"))
-    rate_limits = _rate_limits(_Section(top.take("rate_limits"), "rate_limits"))
+    top = _Section(raw, "", TOP_KEYS)
+    listen = _listen(_Section(top.take("listen"), "listen", LISTEN_KEYS))
+    upstream = _upstream(_Section(top.take("upstream"), "upstream", UPSTREAM_KEYS))
+    limits = _limits(_Section(top.take("limits"), "limits", LIMITS_KEYS))
+    tokens = _tokens(_Section(top.take("tokens"), "tokens", TOKENS_KEYS))
+    rate_limits = _rate_limits(_Section(top.take("rate_limits"), "rate_limits",
+                                        RATE_LIMITS_KEYS))
     shutdown_timeout = top.number("shutdown_timeout", 30.0)
     roots = {p.strip("/").split("/")[0] for p in upstream.allowed_paths}
     sets_raw = _Section(top.take("credentials"), "credentials")
@@ -494,7 +483,7 @@ def _credential_set(name: Any, raw: Any, roots: set[str]) -> CredentialSet:
         raise ConfigError(f"{path}: set names match [a-z0-9][a-z0-9_-]*, got {_show(name)}")
     if name in roots:
         raise ConfigError(f"{path}: a set may not be named like the API path /{name}")
-    s = _Section(raw, path)
+    s = _Section(raw, path, SET_KEYS)
     grant = s.string("grant", "client_credentials")
     if grant not in ("client_credentials", "refresh_token"):
         raise ConfigError(
@@ -543,7 +532,8 @@ def _secret(s: _Section, name: str) -> Secret | None:
 
 
 def read_secret_file(file_name: str | os.PathLike[str], key: str) -> str:
-    """A secret kept in a file, trailing newline stripped (SPEC §3.2)."""
+    """A secret kept in a file, trailing newline stripped (as editors and ``echo`` leave
+    one)."""
     try:
         value = Path(file_name).read_text(encoding="utf-8").rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as exc:
@@ -587,7 +577,8 @@ def summary(config: Config) -> Iterator[str]:
     r = config.rate_limits
     yield (f"rate limits: {'kept per set and endpoint' if r.enabled else 'off'}"
            + (f", requests wait at most {r.max_wait:g}s for budget" if r.enabled else ""))
-    yield f"credential sets: {len(config.credentials)} (default: {config.default_credentials})"
+    yield (f"{plural(len(config.credentials), 'credential set')} "
+           f"(default: {config.default_credentials})")
     shown: Callable[[CredentialSet], str] = lambda c: (  # noqa: E731
         f"  {c.name}: client_id {c.client_id}, client_secret ********, grant {c.grant}, "
         f"{'prefetch' if c.prefetch else 'on demand'}"
@@ -642,5 +633,5 @@ def changes(old: Config, new: Config, opened: Iterable[int] = (),
 
 
 def plural(count: int, noun: str) -> str:
-    """``1 set``, ``2 sets``."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+    """A count and its noun in agreement: ``1 credential set``, ``2 credential sets``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

@@ -40,7 +40,8 @@ class ConfigError(Exception):
 
 
 class ConfigFileError(ConfigError):
-    """A file named by the configuration cannot be read (exit status 1, SPEC §2)."""
+    """A file named by the configuration cannot be read (exit status 1, not 2: the
+    configuration may be right and the file system wrong)."""
 
 
 class StartupError(Exception):

@@ -3,7 +3,9 @@
 Every grant is a form-encoded POST with HTTP Basic client authentication; nothing secret
 ever goes into a URL (bol rejects token parameters in query strings since late 2024).
 Token responses are never logged: only their outcome and the OAuth ``error`` code leave
-this module, inside :class:`TokenEndpointError`, whose message is written here.
+this module, inside :class:`TokenEndpointError`, whose message is written here. So is the
+wording of a failed connection (a name that does not resolve, a refused connection, a
+certificate that is not trusted): the operator's next step depends on which it was.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import base64
 import json
 import secrets
 from dataclasses import dataclass
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
@@ -72,7 +74,8 @@ def code_form(code: str, redirect_uri: str) -> dict[str, str]:
 
 
 def authorize_url(base: str, cred: CredentialSet, state: str | None = None) -> tuple[str, str]:
-    """bol's authorize URL for ``cred`` and the ``state`` it carries (SPEC §6.3)."""
+    """bol's authorize URL for ``cred`` (code flow, ``offline_access``) and the fresh
+    ``state`` it carries, which bol sends back with the code."""
     state = state or secrets.token_urlsafe(24)
     query = {"response_type": "code", "client_id": cred.client_id, "scope": "offline_access",
              "state": state}
@@ -148,7 +151,36 @@ class TokenClient:
         except TimeoutError:
             raise TokenEndpointError("timeout", "the token endpoint did not answer") from None
         except aiohttp.ClientError as exc:
-            # str(exc) of a connection error names host and errno, never headers.
-            name = type(exc).__name__
-            raise TokenEndpointError("unreachable", f"token endpoint: {name}") from None
+            raise connection_failure(exc, self.url) from None
         return parse_token_response(status, body)
+
+
+def connection_failure(exc: aiohttp.ClientError, url: str) -> TokenEndpointError:
+    """An ``unreachable`` error saying in words what failed on the way to ``url``.
+
+    Written from the exception's type and the configured URL, never from ``str(exc)``:
+    aiohttp's response errors carry the request's headers, ``Authorization`` included.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or url
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        detail = f"cannot resolve {host} (DNS)"
+    elif isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        # OpenSSL's reason: "self-signed certificate", "certificate has expired", ...
+        reason = getattr(exc.certificate_error, "verify_message", None) or "not trusted"
+        detail = f"TLS handshake with {host} failed (certificate: {str(reason)[:100]})"
+    elif isinstance(exc, aiohttp.ClientSSLError):
+        reason = getattr(exc.os_error, "reason", None)  # an OpenSSL code: WRONG_VERSION_NUMBER
+        detail = f"TLS handshake with {host} failed" + (f" ({reason})" if reason else "")
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            detail = f"connection refused by {host}:{port}"
+        else:  # no route, network unreachable, ...
+            why = exc.os_error.strerror or type(exc.os_error).__name__
+            detail = f"cannot connect to {host}:{port} ({why})"
+    elif isinstance(exc, aiohttp.ServerDisconnectedError):
+        detail = f"{host} closed the connection without answering"
+    else:
+        detail = f"token endpoint: {type(exc).__name__}"
+    return TokenEndpointError("unreachable", detail)

@@ -7,7 +7,7 @@ Where tokens are renewed, and why it is safe:
   another set or of an older configuration of its own set. An entry disappears from the
   cache at its ``usable_until``, so an expired token cannot be handed out.
 * A token counts from the moment its request was *sent*, and is usable until one second
-  before that count runs out: bol allows only one second of clock skew (BOL-API.md).
+  before that count runs out: bol allows only one second of clock skew.
 * Single flight: one fetch per set at any moment; every concurrent caller awaits the same
   task (shielded, so a caller that disconnects does not cancel it) and gets its outcome.
 * Renewal (:class:`RenewalPolicy`, pure): ``refresh_margin`` before expiry less up to a
@@ -115,8 +115,10 @@ class TokenSource:
         cache: TLRUCache[CredentialSet, Token],
         clock: Clock,
         on_fetch: FetchObserver | None = None,
+        token_host: str = "login.bol.com",
     ) -> None:
         self.cred = cred
+        self.token_host = token_host  # upstream.token_url's host, for messages
         self._obtain = obtain
         self.policy = policy
         self._cache = cache
@@ -125,6 +127,7 @@ class TokenSource:
         self.last_used = -math.inf
         self.last_renewal: float | None = None  # wall clock
         self.last_error: str | None = None
+        self._last_detail = ""  # of the last failure, written by oauth (never a secret)
         self.failures = 0
         self._next_attempt = -math.inf
         self._inflight: asyncio.Task[Token | TokenEndpointError] | None = None
@@ -229,7 +232,7 @@ class TokenSource:
         self._next_attempt = now + delay
         self._observe("rejected" if exc.rejected else "failed")
         if exc.needs_operator and self.last_error != exc.code:
-            what = (f"login.bol.com refused the credentials ({exc.code})" if exc.rejected
+            what = (f"{self.token_host} refused the credentials ({exc.code})" if exc.rejected
                     else exc.detail)
             log.error("set %s: %s; retrying in %.0f s", self.cred.name, what, delay)
         elif exc.needs_operator:  # said once above; the retries only at debug level
@@ -237,7 +240,7 @@ class TokenSource:
         else:
             log.warning("set %s: token request failed (%s); attempt %d, retrying in %.1f s",
                         self.cred.name, exc.detail, self.failures, delay)
-        self.last_error = exc.code
+        self.last_error, self._last_detail = exc.code, exc.detail
         self._wake.set()
         return exc
 
@@ -251,11 +254,13 @@ class TokenSource:
             None: "no token fetched yet",
             "malformed": "the token endpoint gave an unusable answer",
             "timeout": "the token endpoint did not answer in time",
-            "unreachable": "the token endpoint is unreachable",
             "expired": "the token endpoint answered with an already expired token",
         }.get(self.last_error, f"the last token request failed ({self.last_error})")
         if self.last_error in REJECTIONS:
-            why = f"login.bol.com refused the credentials ({self.last_error})"
+            why = f"{self.token_host} refused the credentials ({self.last_error})"
+        elif self.last_error == "unreachable":
+            # Which of DNS, a refused connection or TLS it was is the operator's next step.
+            why = f"the token endpoint is unreachable: {self._last_detail}"
         elif self.last_error == NO_REFRESH_TOKEN:
             why = "there is no refresh token yet: run bol-proxy authorize " + self.cred.name
         return TokenUnavailable(
@@ -328,6 +333,7 @@ class Tokens:
         )
         self._sources: dict[str, TokenSource] = {}
         self.config = config
+        self._token_host = config.upstream.token_host  # once, not per set
         self._policy = RenewalPolicy(config.tokens, rand)
 
     def source(self, name: str) -> TokenSource:
@@ -336,7 +342,8 @@ class Tokens:
         if source is None:
             cred = self.config.credentials[name]
             source = TokenSource(cred, self._obtain_for(cred), self._policy, self._cache,
-                                 self._clock, self._on_fetch)
+                                 self._clock, self._on_fetch,
+                                 token_host=self._token_host)
             self._sources[name] = source
         return source
 
@@ -358,11 +365,13 @@ class Tokens:
         """Follow a reloaded configuration: unchanged sets keep their tokens."""
         old = self._sources
         self.config = config
+        self._token_host = config.upstream.token_host
         if config.tokens != self._policy.settings:
             self._policy = RenewalPolicy(config.tokens, self._rand)
         keep = {n: s for n, s in old.items() if config.credentials.get(n) == s.cred}
         for source in keep.values():
             source.policy = self._policy  # applies from the next renewal on
+            source.token_host = self._token_host
         self._sources = keep
         for name, source in old.items():
             if name not in keep:

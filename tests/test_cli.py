@@ -1,4 +1,4 @@
-"""End-to-end runs of the real command (SPEC §2, §3.3, §6.3, §8).
+"""End-to-end runs of the real command: checks, serving, signals, logs, authorize.
 
 Every test starts ``python -m proxy`` in a subprocess; where it needs bol, the recording
 imitation (``FakeBol``) runs in the test process on 127.0.0.1:0 as its upstream. No test
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.metadata
 import json
 import os
 import re
@@ -29,6 +30,7 @@ import pytest
 import yaml
 from aiohttp import web
 
+from proxy import __version__
 from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, V10, FakeBol
 from tests.conftest import SECRET_B, base_config
 
@@ -150,7 +152,7 @@ async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
 
 
 def partner_config(url: str, folder: Path) -> dict[str, Any]:
-    """``base_config`` plus ``partner``, an authorised-party set (SPEC §6.3)."""
+    """``base_config`` plus ``partner``, an authorised-party set (refresh-token grant)."""
     raw = base_config(url)
     raw["credentials"]["partner"] = {
         "grant": "refresh_token", "client_id": DEMO_CLIENT_ID,
@@ -161,7 +163,7 @@ def partner_config(url: str, folder: Path) -> dict[str, Any]:
     return raw
 
 
-# ------------------------------------------------------------------- --check (SPEC §2)
+# --------------------------------------------------------------------------- --check
 
 
 async def test_check_of_a_valid_file_prints_a_summary_without_secrets(tmp_path: Path) -> None:
@@ -205,6 +207,61 @@ async def test_check_of_a_bad_file_fails_with_one_line_naming_the_problem(
     assert "Traceback" not in done.stderr
 
 
+async def test_check_of_a_misspelt_key_suggests_the_known_one(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text("listen: {prot: 9000}\n" + SETA, encoding="utf-8")
+
+    done = await run("--check", "--config", str(path))
+
+    assert done.status == 2
+    assert done.stderr_lines == [
+        "bol-proxy: listen.prot: unknown key 'prot' (did you mean 'port'?)"]
+
+
+async def test_check_of_a_yaml_syntax_error_names_reason_line_and_column(
+    tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text("credentials:\n  seta:\n\tclient_id: a\n", encoding="utf-8")
+
+    done = await run("--check", "--config", str(path))
+
+    assert done.status == 2
+    assert done.stderr_lines == [
+        f"bol-proxy: {path}: not valid YAML: line 3, column 1: found character '\\t' that "
+        "cannot start any token"]
+
+
+async def test_check_summary_says_1_credential_set(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(SETA, encoding="utf-8")
+
+    done = await run("--check", "--config", str(path))
+
+    assert done.status == 0, done.stderr
+    assert "1 credential set (default: seta)" in done.stdout.splitlines()
+
+
+async def test_version_prints_the_name_and_version_and_exits_0() -> None:
+    done = await run("--version")
+
+    assert done.status == 0, done.stderr
+    assert done.stdout == f"bol-proxy {__version__}"
+    assert importlib.metadata.version("bol-proxy") == __version__  # one version, not two
+
+
+async def test_authorize_help_explains_both_steps() -> None:
+    done = await run("authorize", "--help")
+
+    assert done.status == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    for step in ("Run it without --code", "prints bol's authorize URL",
+                 "redirects the browser to the set's redirect_uri with ?code=...&state=...",
+                 "Run it again with that code, written --code=CODE (a code may start with '-')",
+                 "bol-proxy authorize partner-shop --config config.yaml --code=CODE"):
+        assert step in text
+
+
 async def test_check_without_any_configuration_says_how_to_configure() -> None:
     done = await run("--check")
 
@@ -228,7 +285,7 @@ async def test_a_port_option_out_of_range_is_a_configuration_error(
     assert "port" in done.stderr and "70000" in done.stderr
 
 
-# ------------------------------------------------------------ serving (SPEC §3.3, §2)
+# --------------------------------------------------------------------------- serving
 
 
 async def test_zero_config_from_the_environment_serves_orders(
@@ -246,6 +303,19 @@ async def test_zero_config_from_the_environment_serves_orders(
         assert status == 200
         assert json.loads(body)["orders"][0]["orderId"] == "1043946570"
         assert fake.api_requests[-1].client_id == DEMO_CLIENT_ID
+        proxy.send(signal.SIGTERM)
+        assert (await proxy.finish()).status == 0
+
+
+async def test_the_startup_line_counts_1_credential_set_in_the_singular(
+    bol: tuple[FakeBol, str]
+) -> None:
+    _, url = bol
+    env = command_env(BOL_CLIENT_ID=DEMO_CLIENT_ID, BOL_CLIENT_SECRET=DEMO_CLIENT_SECRET,
+                      BOL_PROXY_PORT="0", BOL_API_URL=url, BOL_TOKEN_URL=url + "/token")
+    async with started(env=env) as proxy:
+        await proxy.line("stderr", r"listening on http://\S+ \(main\) \(1 credential set, default: "
+                                   r"default;", START)
         proxy.send(signal.SIGTERM)
         assert (await proxy.finish()).status == 0
 
@@ -341,7 +411,7 @@ async def test_the_pure_python_http_parser_is_refused_at_start(
     assert "Traceback" not in done.stderr
 
 
-# -------------------------------------------------------------- signals
+# --------------------------------------------------------------------------- signals
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -403,7 +473,7 @@ async def test_sighup_reload_adds_a_set_and_a_broken_file_keeps_the_running_one(
         assert (await proxy.finish()).status == 0
 
 
-# ------------------------------------------------------------------ logs (SPEC §8, §3.2)
+# ------------------------------------------------------------------------------ logs
 
 
 async def test_json_log_format_makes_every_line_json_with_access_fields(
@@ -468,7 +538,7 @@ async def test_debug_run_logs_no_client_secret_and_no_access_token(
     assert [secret for secret in leaks if secret in everything] == []
 
 
-# ------------------------------------------------------------- authorize (SPEC §6.3)
+# ------------------------------------------------------------------------- authorize
 
 
 @pytest.mark.parametrize("given", ["--config after SET", "--config before", "BOL_PROXY_CONFIG"])

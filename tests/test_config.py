@@ -1,4 +1,4 @@
-"""Configuration loading and validation (SPEC §3), driven through files in tmp_path."""
+"""Configuration loading and validation, driven through files in tmp_path."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy import configfile
 from proxy.config import (
     DEFAULT_ALLOWED_PATHS,
     Config,
@@ -17,6 +18,7 @@ from proxy.config import (
     load,
     load_env,
     load_file,
+    plural,
     summary,
     validate,
 )
@@ -183,6 +185,64 @@ def test_unset_variable_is_an_error_naming_variable_and_key(
     assert variable in message
 
 
+def secret_set(value: str) -> str:
+    """A file whose one set has ``value`` as its client secret, written into the YAML as is."""
+    return f"credentials:\n  acme:\n    client_id: id\n    client_secret: {value}\n"
+
+
+@pytest.mark.parametrize(
+    ("value", "variable"),
+    [("${ACME_SECRET", "ACME_SECRET"), ("${ACME_SECRET:-" + SECRET, "ACME_SECRET"),
+     ("x${ACME_SECRET", "ACME_SECRET")],
+    ids=["bare", "with-fallback", "after-text"],
+)
+def test_an_unterminated_variable_is_an_error_naming_key_and_variable_not_a_secret(
+    tmp_path: Path, value: str, variable: str
+) -> None:
+    # Taken literally, "${ACME_SECRET" would be sent to bol as the client secret.
+    message = error_of(tmp_path, secret_set(value), env={variable: SECRET})
+    assert message.startswith("credentials.acme.client_secret:")
+    assert f"variable {variable} has no closing '}}'" in message
+    assert SECRET not in message
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("${}" + SECRET, "'${}' names no variable"),
+        ("${1X}" + SECRET, "not followed by a variable name"),
+        ("${ ACME}" + SECRET, "not followed by a variable name"),
+        (SECRET + "${", "the value ends in '${'"),
+        ("${ACME-" + SECRET + "}", "after variable ACME, expected '}' or ':-fallback}'"),
+        ("${ACME:?" + SECRET + "}", "after variable ACME, expected"),
+        ("${ACME:-${" + SECRET + "}}", "the fallback of variable ACME holds another '${': "
+                                      "nesting is not supported"),
+    ],
+    ids=["empty", "digit-first", "space", "at-the-end", "sh-default", "sh-error", "nested"],
+)
+def test_a_reference_that_does_not_parse_is_an_error_naming_the_key(
+    tmp_path: Path, value: str, said: str
+) -> None:
+    message = error_of(tmp_path, secret_set(f"'{value}'"), env={"ACME": "a"})
+    assert message.startswith("credentials.acme.client_secret:")
+    assert said in message
+    assert "write $${ for a literal ${" in message
+    assert SECRET[:8] not in message and SECRET[-8:] not in message
+
+
+@pytest.mark.parametrize(
+    ("written", "read"),
+    [("pa$$word", "pa$$word"), ("$5", "$5"), ("price$", "price$"), ("$ACME", "$ACME"),
+     ("a$b{c}", "a$b{c}"), ("$${ACME}", "${ACME}"), ("x$${y}$${", "x${y}${"),
+     ("$${ACME}-${ACME}", "${ACME}-from-env")],
+)
+def test_a_dollar_stays_literal_unless_it_starts_a_reference_and_doubled_escapes_one(
+    tmp_path: Path, written: str, read: str
+) -> None:
+    config = load_file(write(tmp_path, secret_set(f"'{written}'")), env={"ACME": "from-env"})
+    assert config.credentials["acme"].client_secret.reveal() == read
+
+
 # ---------------------------------------------------------------- structure errors
 
 
@@ -203,6 +263,42 @@ def test_unknown_key_is_rejected_with_its_path(
     message = error_of(tmp_path, raw)
     assert message.startswith(key + ":")
     assert "unknown key" in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (with_(listen={"prot": 8080}), "listen.prot: unknown key 'prot' (did you mean 'port'?)"),
+        (with_(credentials=None, credential=BASE["credentials"]),
+         "credential: unknown key 'credential' (did you mean 'credentials'?)"),
+        (acme(client_secret=None, client_secert=SECRET),
+         "credentials.acme.client_secert: unknown key 'client_secert' "
+         "(did you mean 'client_secret'?)"),
+        (with_(tokens={"refresh_margn": 5}),
+         "tokens.refresh_margn: unknown key 'refresh_margn' (did you mean 'refresh_margin'?)"),
+        (with_(upstream={"token-url": "https://x.example/t"}),
+         "upstream.token-url: unknown key 'token-url' (did you mean 'token_url'?)"),
+    ],
+    ids=["listen", "top-level", "set", "tokens", "hyphen"],
+)
+def test_an_unknown_key_close_to_a_known_one_is_reported_first_with_a_suggestion(
+    tmp_path: Path, raw: dict[str, Any], message: str
+) -> None:
+    # Reported before the key it stands for is found missing: "credentials: at least one
+    # set is required" would send the user looking in the wrong place.
+    assert error_of(tmp_path, raw) == message
+
+
+def test_an_unknown_key_like_no_known_one_gets_no_suggestion(tmp_path: Path) -> None:
+    assert error_of(tmp_path, with_(listen={"colour": "blue"})) == (
+        "listen.colour: unknown key 'colour'")
+
+
+@pytest.mark.parametrize("raw", [with_(default_credentials="acne"),
+                                 with_(credentials={"acme": {"client_id": "i"},
+                                                    "acne": "not a set"})])
+def test_set_names_are_never_suggested(tmp_path: Path, raw: dict[str, Any]) -> None:
+    assert "did you mean" not in error_of(tmp_path, raw)
 
 
 @pytest.mark.parametrize(
@@ -281,6 +377,85 @@ def test_a_file_that_is_not_a_mapping_of_keys_is_a_config_error(
         load_file(write(tmp_path, text), env={})
     assert not isinstance(info.value, ConfigFileError)
     assert str(tmp_path / "proxy.yaml") in str(info.value)
+
+
+def test_a_yaml_syntax_error_gives_the_parsers_reason_and_position_on_one_line(
+    tmp_path: Path
+) -> None:
+    text = "listen:\n  port: 8080\ncredentials:\n  acme:\n\tclient_id: a\n"
+    message = error_of(tmp_path, text)
+    assert message == (f"{tmp_path / 'proxy.yaml'}: not valid YAML: line 5, column 1: "
+                       "found character '\\t' that cannot start any token")
+
+
+BESIDE_A_SECRET = {
+    "alias": f"credentials:\n  acme:\n    client_id: a\n    client_secret: *{SECRET}\n",
+    "tag": f"credentials:\n  acme:\n    client_id: a\n    client_secret: !{SECRET} x\n",
+    "escape": f'credentials:\n  acme:\n    client_id: a\n    client_secret: "\\q{SECRET}"\n',
+    "at-sign": f"credentials:\n  acme:\n    client_id: a\n    client_secret: @{SECRET}\n",
+    "control": f"credentials:\n  acme:\n    client_id: a\n    client_secret: \x01{SECRET}\n",
+    "unclosed-flow": f"credentials:\n  acme: {{client_id: a, client_secret: {SECRET}\n",
+    "unclosed-quote": f"credentials:\n  acme:\n    client_secret: '{SECRET}\n",
+}
+MISTYPED = {
+    "date": "credentials:\n  acme:\n    client_id: a\n    client_secret: 2024-13-45\n",
+    "explicit-type": f"credentials:\n  acme:\n    client_id: a\n"
+                     f"    client_secret: !!float {SECRET}\n",
+}
+
+
+@pytest.mark.parametrize("text", [*BESIDE_A_SECRET.values(), *MISTYPED.values()],
+                         ids=[*BESIDE_A_SECRET, *MISTYPED])
+def test_a_yaml_error_beside_a_secret_is_one_line_that_never_quotes_it(
+    tmp_path: Path, text: str
+) -> None:
+    message = error_of(tmp_path, text)
+    assert "not valid YAML: line " in message
+    assert "\n" not in message
+    for part in (SECRET, SECRET[:8], SECRET[-8:], "2024-13-45"):
+        assert part not in message
+
+
+@pytest.mark.parametrize("loader", [yaml.SafeLoader, yaml.CSafeLoader], ids=["python", "libyaml"])
+@pytest.mark.parametrize("text", BESIDE_A_SECRET.values(), ids=BESIDE_A_SECRET.keys())
+def test_either_yaml_parsers_problem_text_is_shown_without_its_quotes_of_the_file(
+    text: str, loader: type[yaml.SafeLoader]
+) -> None:
+    # PyYAML's own parser quotes alias and tag names, and escaped letters: all of them
+    # may be a secret's text. libyaml's parser is the one used where it is installed.
+    with pytest.raises(yaml.YAMLError) as info:
+        yaml.load(text, Loader=loader)
+    message = configfile.describe(info.value, text)
+    assert message.startswith("line ")
+    assert SECRET[:8] not in message and "\n" not in message
+    assert "'q'" not in message  # the letter after a backslash, in "escape"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [("a:\n\tb: 1\n", "'\\t'"), ("a: @b\n", "'@'"), ("a: `b\n", "'`'")],
+)
+def test_the_character_that_broke_the_syntax_is_named_by_either_parser(
+    text: str, shown: str
+) -> None:
+    for loader in (yaml.SafeLoader, yaml.CSafeLoader):
+        with pytest.raises(yaml.YAMLError) as info:
+            yaml.load(text, Loader=loader)
+        assert f"found character {shown} that cannot start any token" in (
+            configfile.describe(info.value, text))
+
+
+@pytest.mark.parametrize(("value", "kind"), [("2024-13-45", "a timestamp"),
+                                             ("!!int forty", "an int"),
+                                             ("!!bool maybe", "a bool")])
+def test_a_value_its_type_cannot_hold_is_a_config_error_with_its_position(
+    tmp_path: Path, value: str, kind: str
+) -> None:
+    # PyYAML raises a bare ValueError or KeyError for these, quoting the value, which
+    # would end in a traceback.
+    message = error_of(tmp_path, f"shutdown_timeout: {value}\n" + yaml.safe_dump(BASE))
+    assert message.endswith(f"not valid YAML: line 1, column 19: this value cannot be read as "
+                            f"{kind}; quote it to keep it as text")
 
 
 def test_an_empty_file_fails_for_want_of_credentials(tmp_path: Path) -> None:
@@ -373,6 +548,17 @@ def test_summary_lines_never_hold_the_secret(tmp_path: Path) -> None:
     assert "(default: acme)" in text
 
 
+@pytest.mark.parametrize(("count", "said"), [(0, "0 credential sets"), (1, "1 credential set"),
+                                             (2, "2 credential sets")])
+def test_a_count_agrees_with_its_noun(count: int, said: str) -> None:
+    assert plural(count, "credential set") == said
+
+
+def test_summary_of_one_set_says_one_credential_set(tmp_path: Path) -> None:
+    lines = list(summary(load_file(write(tmp_path, BASE), env={})))
+    assert "1 credential set (default: acme)" in lines
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -385,7 +571,7 @@ def test_summary_lines_never_hold_the_secret(tmp_path: Path) -> None:
 def test_a_misshaped_credentials_section_does_not_echo_the_secret(
     tmp_path: Path, text: str
 ) -> None:
-    # The message reaches stderr and the logs on SIGHUP (SPEC §3.2: never a secret).
+    # The message reaches stderr, and the logs on SIGHUP: never a secret there.
     message = error_of(tmp_path, text)
     assert message.startswith("credentials")
     assert SECRET not in message

@@ -1,16 +1,26 @@
-"""Token requests and how their answers are read (SPEC §6.1, §6.3), without sockets."""
+"""Token requests and how their answers are read, without sockets; and, at the end, how
+a failed connection to the token endpoint reads, against servers on 127.0.0.1."""
 
 from __future__ import annotations
 
 import base64
 import json
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import pytest
+import trustme
+from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from proxy.config import CredentialSet, Secret
 from proxy.oauth import (
+    TokenClient,
     TokenEndpointError,
     authorize_url,
     basic_auth,
@@ -19,6 +29,7 @@ from proxy.oauth import (
     parse_token_response,
     refresh_form,
 )
+from tests.conftest import free_port, serve
 
 ACCESS = "eyJhbGciOiJSUzI1NiJ9.eyJleHAiOjF9.access-token-signature"
 REFRESH = "eyJhbGciOiJSUzI1NiJ9.eyJleHAiOjJ9.refresh-token-signature"
@@ -193,3 +204,98 @@ def test_authorize_url_uses_a_given_state() -> None:
     url, state = authorize_url("https://login.bol.com/authorize", CRED, state="chosen")
     assert state == "chosen"
     assert parse_qs(urlsplit(url).query)["state"] == ["chosen"]
+
+
+# ------------------------------------------------------------- failed connections
+
+
+class UnknownNames(AbstractResolver):
+    """A resolver that knows no name, as a DNS server answers for a mistyped host."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        self.asked.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    async def close(self) -> None:
+        pass
+
+
+async def failed_request(url: str, resolver: AbstractResolver | None = None,
+                         ssl_context: ssl.SSLContext | None = None) -> TokenEndpointError:
+    """The error of one client-credentials request to ``url``; it must fail."""
+    connector = aiohttp.TCPConnector(resolver=resolver, ssl=ssl_context or True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        with pytest.raises(TokenEndpointError) as info:
+            await TokenClient(session, url, connect_timeout=5).request(
+                CRED, client_credentials_form())
+    error = info.value
+    for shown in (str(error), repr(error), error.detail):
+        assert "s3cr3t" not in shown and basic_auth(CRED).split()[1] not in shown
+    return error
+
+
+@asynccontextmanager
+async def tls_server(ca: trustme.CA) -> AsyncIterator[int]:
+    """An HTTPS server on 127.0.0.1 whose certificate ``ca`` issued; yields its port."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    runner = web.AppRunner(web.Application(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_unresolvable_token_host_reads_as_a_dns_failure() -> None:
+    resolver = UnknownNames()
+
+    error = await failed_request("https://login.bol.example/token", resolver)
+
+    assert resolver.asked == ["login.bol.example"]
+    assert (error.code, error.detail) == ("unreachable", "cannot resolve login.bol.example (DNS)")
+
+
+async def test_a_refused_connection_names_the_host_and_port() -> None:
+    port = free_port()
+
+    error = await failed_request(f"http://127.0.0.1:{port}/token")
+
+    assert (error.code, error.detail) == ("unreachable", f"connection refused by 127.0.0.1:{port}")
+
+
+async def test_a_certificate_not_trusted_reads_as_a_tls_failure() -> None:
+    async with tls_server(trustme.CA()) as port:  # a CA the client does not trust
+        error = await failed_request(f"https://127.0.0.1:{port}/token")
+
+    assert (error.code, error.detail) == (
+        "unreachable",
+        "TLS handshake with 127.0.0.1 failed (certificate: unable to get local issuer certificate)")
+
+
+async def test_a_trusted_certificate_reaches_the_token_endpoint() -> None:
+    # The counterpart of the test above: the same server, its CA trusted, answers (404).
+    ca = trustme.CA()
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    async with tls_server(ca) as port:
+        error = await failed_request(f"https://127.0.0.1:{port}/token", ssl_context=trusting)
+
+    assert error.code == "http_404"
+
+
+async def test_tls_to_a_port_that_speaks_plain_http_reads_as_a_tls_failure() -> None:
+    runner, url = await serve(web.Application())
+    try:
+        error = await failed_request(url.replace("http://", "https://") + "/token")
+    finally:
+        await runner.cleanup()
+
+    assert error.code == "unreachable"
+    assert error.detail.startswith("TLS handshake with 127.0.0.1 failed")

@@ -1,4 +1,4 @@
-"""Token renewal, single flight and invalidation (SPEC §6.2), without sockets.
+"""Token renewal, single flight and invalidation, without sockets.
 
 The token sources run against a fake ``obtain`` coroutine and the :class:`FakeClock`: time
 moves only when a test advances it, so every renewal, retry and expiry happens at a known
@@ -522,6 +522,67 @@ async def test_rejected_credentials_are_retried_once_a_minute_and_logged_as_erro
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     assert code in errors[0].getMessage()
+
+
+def moved_token_endpoint(config: Config, token_url: str) -> Config:
+    return dataclasses.replace(
+        config, upstream=dataclasses.replace(config.upstream, token_url=token_url))
+
+
+@pytest.mark.parametrize(("token_url", "host"), [
+    (None, "login.bol.com"),
+    ("https://login.partner.example/oauth/token", "login.partner.example"),
+    ("http://127.0.0.1:8765/token", "127.0.0.1:8765"),
+], ids=["bol", "elsewhere", "with-port"])
+async def test_refused_credentials_name_the_configured_token_host(
+    make_bench: MakeBench, caplog: pytest.LogCaptureFixture, token_url: str | None, host: str
+) -> None:
+    caplog.set_level(logging.ERROR, logger="proxy.tokens")
+    config = make_config("seta")
+    bench = make_bench(moved_token_endpoint(config, token_url) if token_url else config)
+    bench.obtain("seta").fail("invalid_client")
+    bench.tokens.start()
+    await settle()
+
+    with pytest.raises(TokenUnavailable) as caught:
+        await bench.source().get()
+
+    said = [caught.value.detail, *(r.getMessage() for r in caplog.records)]
+    assert len(said) == 2
+    assert all(f"{host} refused the credentials (invalid_client)" in text for text in said)
+    if host != "login.bol.com":
+        assert all("login.bol.com" not in text for text in said)
+
+
+async def test_a_reload_that_moves_the_token_endpoint_names_the_new_host(
+    make_bench: MakeBench
+) -> None:
+    config = make_config("seta")
+    bench = make_bench(config)
+    bench.obtain("seta").fail("invalid_client")
+    bench.tokens.start()
+    await settle()
+    source = bench.source()
+
+    await bench.tokens.apply(moved_token_endpoint(config, "https://login.moved.example/t"))
+
+    assert bench.source() is source  # the set is unchanged: it keeps its source
+    with pytest.raises(TokenUnavailable) as caught:
+        await source.get()
+    assert "login.moved.example refused the credentials" in caught.value.detail
+
+
+async def test_an_unreachable_token_endpoint_says_what_failed(make_bench: MakeBench) -> None:
+    bench = make_bench()
+    bench.obtain("seta").fail("unreachable", "cannot resolve login.bol.com (DNS)")
+    bench.tokens.start()
+    await settle()
+
+    with pytest.raises(TokenUnavailable) as caught:
+        await bench.source().get()
+
+    assert ("the token endpoint is unreachable: cannot resolve login.bol.com (DNS)"
+            in caught.value.detail)
 
 
 async def test_malformed_answers_are_retried_and_never_stop_renewal(
