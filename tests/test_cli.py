@@ -1,4 +1,4 @@
-"""End-to-end runs of the real command (SPEC §2, §3.3, §6.3, §8).
+"""End-to-end runs of the real command: options, zero-config, demo, signals, logs, authorize.
 
 Every test starts ``python -m proxy`` in a subprocess; where it needs bol, the recording
 imitation (``FakeBol``) runs in the test process on 127.0.0.1:0 as its upstream. No test
@@ -29,7 +29,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, V10, FakeBol
+from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, ORDER, V10, FakeBol
 from tests.conftest import SECRET_B, base_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(20)]
@@ -151,7 +151,7 @@ async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
 
 
 def partner_config(url: str, folder: Path) -> dict[str, Any]:
-    """``base_config`` plus ``partner``, an authorised-party set (SPEC §6.3)."""
+    """``base_config`` plus ``partner``, an authorised-party (refresh-token) set."""
     raw = base_config(url)
     raw["credentials"]["partner"] = {
         "grant": "refresh_token", "client_id": DEMO_CLIENT_ID,
@@ -162,7 +162,7 @@ def partner_config(url: str, folder: Path) -> dict[str, Any]:
     return raw
 
 
-# ------------------------------------------------------------------- --check (SPEC §2)
+# ----------------------------------------------------------------------------- --check
 
 
 async def test_check_of_a_valid_file_prints_a_summary_without_secrets(tmp_path: Path) -> None:
@@ -229,7 +229,7 @@ async def test_a_port_option_out_of_range_is_a_configuration_error(
     assert "port" in done.stderr and "70000" in done.stderr
 
 
-# ------------------------------------------------------------ serving (SPEC §3.3, §2)
+# ------------------------------------------------------------ serving (zero-config, demo)
 
 
 async def test_zero_config_from_the_environment_serves_orders(
@@ -300,7 +300,7 @@ async def test_port_in_use_exits_1_with_one_line(
     assert "Traceback" not in done.stderr
 
 
-# -------------------------------------------------------------- signals (SPEC §8)
+# ------------------------------------------------------------------------- signals
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -361,7 +361,7 @@ async def test_sighup_reload_adds_a_set_and_a_broken_file_keeps_the_running_one(
         assert (await proxy.finish()).status == 0
 
 
-# ------------------------------------------------------------------ logs (SPEC §8, §3.2)
+# ---------------------------------------------------------------------------- logs
 
 
 async def test_json_log_format_makes_every_line_json_with_access_fields(
@@ -372,7 +372,7 @@ async def test_json_log_format_makes_every_line_json_with_access_fields(
     async with started("--config", str(path), "--log-format", "json") as proxy:
         base = f"http://127.0.0.1:{await proxy.port()}"
         assert (await get(http, base + "/retailer/orders?status=OPEN"))[0] == 200
-        assert (await get(http, base + "/setb/retailer/orders/42"))[0] == 200
+        assert (await get(http, f"{base}/setb/retailer/orders/{ORDER['orderId']}"))[0] == 200
         assert (await get(http, base + "/elsewhere"))[0] == 404
         proxy.send(signal.SIGTERM)
         done = await proxy.finish()
@@ -389,7 +389,8 @@ async def test_json_log_format_makes_every_line_json_with_access_fields(
         "upstream_status": 200, "replayed": False}
     assert isinstance(first["duration_ms"], int | float)
     assert first["bytes"] > 0
-    assert (access[1]["set"], access[1]["path"]) == ("setb", "/setb/retailer/orders/42")
+    assert (access[1]["set"], access[1]["path"]) == (
+        "setb", f"/setb/retailer/orders/{ORDER['orderId']}")
     assert (access[2]["status"], access[2]["upstream_status"]) == (404, None)
 
 
@@ -426,7 +427,7 @@ async def test_debug_run_logs_no_client_secret_and_no_access_token(
     assert [secret for secret in leaks if secret in everything] == []
 
 
-# ------------------------------------------------------------- authorize (SPEC §6.3)
+# ----------------------------------------------------------------------- authorize
 
 
 @pytest.mark.parametrize("given", ["--config after SET", "--config before", "BOL_PROXY_CONFIG"])
