@@ -3,7 +3,7 @@
 Most tests talk to a served :class:`FakeBol` directly, as a tool with its own token would,
 so that nothing the proxy does can hide what the imitation answers; its clock is the
 test's :class:`FakeClock`, so budgets refill and writes settle when a test moves time. A
-few go through the proxy.
+few go through the proxy, and the last ones run ``python -m proxy demo`` itself.
 
 The answer shapes below are bol's Retailer API v10 contract written out: the fields it
 requires, with their types.
@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +30,8 @@ from proxy.demo.answers import Problem
 from proxy.demo.limits import RateLimits
 from proxy.demo.processes import SETTLES_AFTER, Processes
 from proxy.demo.routes import Routes
-from tests.conftest import SECRET_B, FakeClock, StartProxy, base_config
+from tests.conftest import SECRET_B, FakeClock, StartProxy, base_config, free_port
+from tests.test_cli import START, run, started
 
 CSV = "application/vnd.retailer.v10+csv"
 ADVERTISER = "application/vnd.advertiser.v10+json"
@@ -896,3 +900,69 @@ async def test_a_tool_behind_the_proxy_sees_bols_answers_and_budgets(
             assert resp.status == 405
     finally:
         await runner.cleanup()
+
+
+# -------------------------------------------------------------- the demo command (e2e)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(20)
+async def test_demo_serves_bol_on_the_bol_port_and_prints_lines_to_paste(
+    http: aiohttp.ClientSession,
+) -> None:
+    port, bol_port = free_port(), free_port()
+    async with started("demo", "--port", str(port), "--bol-port", str(bol_port)) as demo:
+        heading = await demo.line("stdout", r"imitation of bol.com at (\S+), proxy at (\S+)",
+                                  START)
+        assert heading.groups() == (f"http://127.0.0.1:{bol_port}", f"http://127.0.0.1:{port}")
+        curl = await demo.line("stdout", r"^  curl ")
+        # The answer is JSON without a final newline: the example adds one for the shell.
+        assert "-w '\\n'" in curl.string
+        api = await demo.line("stdout", r"RetailerAPI\(api_url=\"(\S+)\", login_url=\"(\S+)\"\)")
+        assert api.groups() == (f"http://127.0.0.1:{port}",) * 2  # both at the proxy
+        login = await demo.line("stdout", r"api\.login\(client_id=\"(\w+)\"")
+        assert login.group(1) == "demo"
+        upstream = await demo.line("stdout", r"upstream: \{api_url: \"(\S+)\", token_url")
+        assert upstream.group(1) == f"http://127.0.0.1:{bol_port}"
+        await demo.line("stdout", r"Ctrl-C stops")
+
+        tool = await Tool(http, f"http://127.0.0.1:{bol_port}").login()  # bol, directly
+        assert (await tool.get(f"/retailer/orders/{ORDER_ID}"))["orderId"] == ORDER_ID
+        async with http.get(f"http://127.0.0.1:{port}/retailer/offers/{OFFER_ID}") as resp:
+            assert resp.status == 200  # and through the proxy
+        demo.send(signal.SIGINT)
+        assert (await demo.finish()).status == 0
+
+
+@pytest.mark.e2e
+async def test_demo_help_names_both_ports() -> None:
+    done = await run("demo", "--help")
+    assert done.status == 0
+    assert re.search(r"--port PORT\s", done.stdout)
+    assert re.search(r"--bol-port PORT\s", done.stdout)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("option", ["--port", "--bol-port"])
+async def test_demo_port_out_of_range_is_a_configuration_error_naming_its_option(
+    option: str,
+) -> None:
+    done = await run("demo", option, "70000")
+    assert done.status == 2
+    assert done.stderr_lines == [f"bol-proxy: {option}: must be between 0 and 65535, "
+                                 "got 70000"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("option", ["--port", "--bol-port"])
+async def test_demo_port_in_use_exits_1_naming_its_option(option: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        other = "--bol-port" if option == "--port" else "--port"
+        done = await run("demo", option, port, other, str(free_port()))
+    assert done.status == 1
+    (line,) = done.stderr_lines
+    assert line.startswith(f"bol-proxy: {option}: cannot listen on 127.0.0.1:{port}")
+    assert "listen.port" not in line
