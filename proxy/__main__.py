@@ -68,8 +68,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{demo,authorize}")
     demo = sub.add_parser("demo", parents=[logging_options],
                           help="run against a built-in imitation of bol.com")
-    demo.add_argument("--port", type=int, dest="demo_port",
+    demo.add_argument("--port", type=int, dest="demo_port", metavar="PORT",
                       help="port of the demo proxy (default: 8080)")
+    demo.add_argument("--bol-port", type=int, metavar="PORT", default=0,
+                      help="port of the imitation of bol.com (default: any free port)")
     auth = sub.add_parser("authorize", parents=[logging_options],
                           help="connect a seller's shop to a refresh-token set",
                           description=AUTHORIZE_STEPS, epilog=AUTHORIZE_EXAMPLE,
@@ -110,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from proxy.demo import run_demo
 
             port = args.demo_port if args.demo_port is not None else args.port
-            return run_demo(8080 if port is None else port)
+            return run_demo(8080 if port is None else port, args.bol_port)
         if args.command == "authorize":
             from proxy.authorize import authorize
 

@@ -32,6 +32,14 @@ class PortInUse(OSError):
         super().__init__(f"cannot listen on {host}:{port} ({owner}): {reason}")
         self.port = port
         self.owner = owner
+        self.reason = reason
+
+
+def bind_failure(exc: OSError) -> str:
+    """Why a port could not be opened, in the system's words (asyncio words its own)."""
+    if isinstance(exc, PortInUse):
+        return exc.reason
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 class Listeners:
@@ -73,9 +81,7 @@ class Listeners:
                 except OSError as exc:
                     owner = (f"the dedicated port of set '{dedicated[address[1]]}'"
                              if address[1] in dedicated else "listen.port")
-                    # asyncio words its own message; the errno's is the plain one.
-                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-                    raise PortInUse(host, address[1], owner, reason) from None
+                    raise PortInUse(host, address[1], owner, bind_failure(exc)) from None
                 self._sites[address] = site
                 opened.append(address)
                 if publish:

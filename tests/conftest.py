@@ -17,11 +17,30 @@ from multidict import CIMultiDict
 
 from proxy.app import ProxyServer
 from proxy.config import Config, validate
-from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, FakeBol, start_fake
+from proxy.demo import (
+    DEFAULT_LIMITS,
+    DEMO_CLIENT_ID,
+    DEMO_CLIENT_SECRET,
+    OFFER,
+    FakeBol,
+    start_fake,
+)
 from proxy.tokens import Clock
 
 SECRET_B = "second-secret-value-0123456789"
 MB = 1024 * 1024
+# The suite sends the imitation of bol far more requests than bol's budgets allow, on
+# purpose; the budgets themselves are tested in test_demo with bol's numbers.
+ROOMY_LIMITS = {endpoint: (1_000_000, 1.0) for endpoint in DEFAULT_LIMITS}
+# A write the imitation accepts (202): the stock of its first offer.
+STOCK_UPDATE = f"/retailer/offers/{OFFER['offerId']}/stock"
+
+
+def stock_update(size: int) -> bytes:
+    """A valid body for ``STOCK_UPDATE``, padded with JSON whitespace to ``size`` bytes."""
+    body = b'{"amount": 3, "managedByRetailer": false}'
+    assert size >= len(body)
+    return body + b" " * (size - len(body))
 
 
 class FakeClock(Clock):
@@ -85,7 +104,8 @@ def clock() -> FakeClock:
 @pytest.fixture
 async def bol() -> AsyncIterator[tuple[FakeBol, str]]:
     """The recording imitation of bol.com, with a second client registered."""
-    fake = FakeBol(clients={DEMO_CLIENT_ID: DEMO_CLIENT_SECRET, "client-b": SECRET_B})
+    fake = FakeBol(clients={DEMO_CLIENT_ID: DEMO_CLIENT_SECRET, "client-b": SECRET_B},
+                   limits=dict(ROOMY_LIMITS))
     runner, url = await start_fake(fake)
     yield fake, url
     await runner.cleanup()
@@ -200,7 +220,7 @@ def split_response(raw: bytes) -> tuple[int, CIMultiDict[str], bytes]:
 
 
 async def problem(resp: aiohttp.ClientResponse) -> dict[str, Any]:
-    """The proxy's own problem document (SPEC §7)."""
+    """The proxy's own problem document, as ``application/problem+json``."""
     assert resp.headers["Content-Type"] == "application/problem+json"
     body: dict[str, Any] = json.loads(await resp.read())
     assert body["status"] == resp.status

@@ -31,7 +31,7 @@ import yaml
 from aiohttp import web
 
 from proxy import __version__
-from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, V10, FakeBol
+from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, ORDER, V10, FakeBol
 from tests.conftest import SECRET_B, base_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(20)]
@@ -164,6 +164,7 @@ def partner_config(url: str, folder: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- --check
+# ----------------------------------------------------------------------------- --check
 
 
 async def test_check_of_a_valid_file_prints_a_summary_without_secrets(tmp_path: Path) -> None:
@@ -286,6 +287,7 @@ async def test_a_port_option_out_of_range_is_a_configuration_error(
 
 
 # --------------------------------------------------------------------------- serving
+# ------------------------------------------------------------ serving (zero-config, demo)
 
 
 async def test_zero_config_from_the_environment_serves_orders(
@@ -474,6 +476,7 @@ async def test_sighup_reload_adds_a_set_and_a_broken_file_keeps_the_running_one(
 
 
 # ------------------------------------------------------------------------------ logs
+# ---------------------------------------------------------------------------- logs
 
 
 async def test_json_log_format_makes_every_line_json_with_access_fields(
@@ -484,7 +487,7 @@ async def test_json_log_format_makes_every_line_json_with_access_fields(
     async with started("--config", str(path), "--log-format", "json") as proxy:
         base = f"http://127.0.0.1:{await proxy.port()}"
         assert (await get(http, base + "/retailer/orders?status=OPEN"))[0] == 200
-        assert (await get(http, base + "/setb/retailer/orders/42"))[0] == 200
+        assert (await get(http, f"{base}/setb/retailer/orders/{ORDER['orderId']}"))[0] == 200
         assert (await get(http, base + "/elsewhere"))[0] == 404
         proxy.send(signal.SIGTERM)
         done = await proxy.finish()
@@ -501,7 +504,8 @@ async def test_json_log_format_makes_every_line_json_with_access_fields(
         "upstream_status": 200, "replayed": False}
     assert isinstance(first["duration_ms"], int | float)
     assert first["bytes"] > 0
-    assert (access[1]["set"], access[1]["path"]) == ("setb", "/setb/retailer/orders/42")
+    assert (access[1]["set"], access[1]["path"]) == (
+        "setb", f"/setb/retailer/orders/{ORDER['orderId']}")
     assert (access[2]["status"], access[2]["upstream_status"]) == (404, None)
 
 
@@ -539,6 +543,7 @@ async def test_debug_run_logs_no_client_secret_and_no_access_token(
 
 
 # ------------------------------------------------------------------------- authorize
+# ----------------------------------------------------------------------- authorize
 
 
 @pytest.mark.parametrize("given", ["--config after SET", "--config before", "BOL_PROXY_CONFIG"])

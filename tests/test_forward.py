@@ -1,4 +1,4 @@
-"""Forwarding through the real proxy to the recording imitation of bol (SPEC §4, §5)."""
+"""Forwarding through the real proxy to the recording imitation of bol: set choice, streams."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import base64
 import gzip
 import hashlib
 import io
+import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,9 +18,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, V10, FakeBol
+from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, ORDER, V10, FakeBol
 from tests.conftest import (
     MB,
+    ROOMY_LIMITS,
     StartProxy,
     base_config,
     free_port,
@@ -89,7 +91,7 @@ def streamed(data: bytes, *, with_length: bool) -> Handler:
     return handler
 
 
-# -------------------------------------------------------------- credential selection §4
+# ----------------------------------------------------------------- credential selection
 
 
 async def test_request_reaches_bol_with_the_sets_token_and_unchanged_query(
@@ -104,7 +106,8 @@ async def test_request_reaches_bol_with_the_sets_token_and_unchanged_query(
                  "X-Drop": "1", "Proxy-Authorization": "Basic abc"},
     ) as resp:
         assert resp.status == 200
-        assert resp.headers["X-RateLimit-Limit"] == "25"
+        limit, _ = ROOMY_LIMITS[("GET", "/retailer/orders")]
+        assert resp.headers["X-RateLimit-Limit"] == str(limit)  # bol's headers come back
     seen = fake.api_requests[-1]
     assert seen.target == target
     assert seen.client_id == DEMO_CLIENT_ID
@@ -234,7 +237,7 @@ async def test_300_concurrent_requests_share_one_token_request(
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
 
             async def one(i: int) -> int:
-                async with client.get(f"{base}/retailer/orders/{i}") as resp:
+                async with client.get(f"{base}/retailer/orders/{ORDER['orderId']}?n={i}") as resp:
                     await resp.read()
                     return resp.status
 
@@ -473,13 +476,16 @@ async def test_post_without_body_keeps_content_type_and_gains_no_headers(
     bol: tuple[FakeBol, str], start_proxy: StartProxy, length: bytes
 ) -> None:
     fake, url = bol
+    fake.extra["/retailer/upload"] = sink
     server = await start_proxy(base_config(url))
     raw = await raw_request(
         server.port(),
-        b"POST /retailer/offers/1 HTTP/1.1\r\nHost: proxy\r\n"
+        b"POST /retailer/upload HTTP/1.1\r\nHost: proxy\r\n"
         b"Content-Type: " + V10.encode() + b"\r\n" + length + b"Connection: close\r\n\r\n",
     )
-    assert split_response(raw)[0] == 200
+    status, _, answer = split_response(raw)
+    assert status == 200
+    assert json.loads(answer)["size"] == 0
     [seen] = fake.api_requests
     assert seen.method == "POST"
     assert seen.body == b""
@@ -516,7 +522,7 @@ async def test_only_the_clients_own_headers_reach_bol(
      "/retailer/orders?q=a+b%20c%2B%2b",
      "/retailer/orders?back=http://x.example/y?z=1;w=%3D",
      "/retailer/orders?caf%C3%A9=%e9%E9",
-     "/retailer/offers/%41bc?x=%2F%2f",
+     "/retailer/offers/%313722de8-8182-d161-5422-4a0a1caab5c8?x=%2F%2f",  # %31: "1"
      "/retailer-demo/orders?fulfilment-method=FBR"],
 )
 async def test_raw_path_and_query_are_forwarded_byte_for_byte(

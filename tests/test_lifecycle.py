@@ -1,4 +1,4 @@
-"""Token lifecycle through the real proxy and the recording imitation of bol (SPEC §6-§8).
+"""Token lifecycle through the real proxy and the recording imitation of bol.
 
 The proxy and the imitation share one :class:`FakeClock`: tokens live a few seconds of
 fake time, renewals and expiries happen when a test moves the clock, and only real HTTP
@@ -81,10 +81,10 @@ async def test_revoked_token_is_replaced_and_a_small_post_replayed_once_with_its
     bol.revoke_all()
     tokens_before, api_before = len(bol.token_requests), len(bol.api_requests)
     body = json.dumps({"orderItems": [{"orderItemId": "2012345678", "quantity": 1}]}).encode()
-    async with http.post(url_of(server, "/retailer/orders/1043946570"), data=body,
+    async with http.post(url_of(server, "/retailer/shipments"), data=body,
                          headers={"Content-Type": V10, "Accept": V10}) as resp:
-        assert resp.status == 200
-        assert (await resp.json(content_type=None))["orderId"] == "1043946570"
+        assert resp.status == 202  # a shipment of the order item, accepted
+        assert (await resp.json(content_type=None))["entityId"] == "2012345678"
     assert len(bol.token_requests) == tokens_before + 1
     seen = bol.api_requests[api_before:]
     assert len(seen) == 2  # the refused attempt and exactly one replay

@@ -1,20 +1,18 @@
-"""``bol-proxy demo``: an imitation of login.bol.com and api.bol.com, with the proxy in front.
+"""The imitation of login.bol.com and api.bol.com in one aiohttp application.
 
-:class:`FakeBol` behaves like bol where the proxy cares: Basic-authenticated form grants
-(client credentials, refresh token with optional rotation, authorisation code),
-short-lived tokens that the API checks (401 "Expired JWT" otherwise), per-client
-rate-limit headers, bol-shaped JSON and problems. It records what it saw, so the test
-suite uses it as its imitation of bol too.
+:class:`FakeBol` behaves like bol where the proxy and the tools care: Basic-authenticated
+form grants (client credentials, refresh token with optional rotation, authorisation
+code), short-lived tokens that the API checks (401 "Expired JWT" otherwise), then the
+Retailer API itself (see ``gateway``): bol's resources with their methods, budgets and
+checks, on one run's shop. It records what it saw, so the test suite uses it as its
+imitation of bol too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
-import logging
 import secrets
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,28 +22,12 @@ from urllib.parse import parse_qs
 from aiohttp import web
 from multidict import CIMultiDict
 
-log = logging.getLogger("proxy")
+from .answers import Answer, Problem
+from .gateway import Gateway, Incoming
+from .limits import Endpoint, Limit
 
-V10 = "application/vnd.retailer.v10+json"
 DEMO_CLIENT_ID = "demo-client"
 DEMO_CLIENT_SECRET = "demo-secret-not-a-real-one"
-
-ORDER = {
-    "orderId": "1043946570",
-    "orderPlacedDateTime": "2026-11-27T10:12:31+01:00",
-    "orderItems": [{
-        "orderItemId": "2012345678", "ean": "8712626055143", "fulfilmentMethod": "FBR",
-        "fulfilmentStatus": "OPEN", "quantity": 1, "quantityShipped": 0, "quantityCancelled": 0,
-    }],
-}
-OFFER = {
-    "offerId": "13722de8-8182-d161-5422-4a0a1caab5c8", "ean": "8712626055143",
-    "reference": "REF-12345", "onHoldByRetailer": False,
-    "pricing": {"bundlePrices": [{"quantity": 1, "unitPrice": 9.99}]},
-    "stock": {"amount": 6, "correctedStock": 5, "managedByRetailer": False},
-    "fulfilment": {"method": "FBR", "deliveryCode": "24uurs-23"},
-    "condition": {"name": "NEW"},
-}
 
 
 @dataclass
@@ -76,9 +58,16 @@ class FakeBol:
     extra: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = field(
         default_factory=dict)
     clock: Callable[[], float] = time.time
-    _budget: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Budgets per endpoint that replace bol's defaults, e.g. {("GET", "/retailer/orders"):
+    # (10, 3.0)} for 10 order lists per 3 seconds; ("*", "*") is every other endpoint.
+    limits: dict[Endpoint, Limit] = field(default_factory=dict)
+    gateway: Gateway = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.gateway = Gateway(self.limits)
 
     def app(self) -> web.Application:
+        """The application: ``POST /token`` as login.bol.com, everything else as the API."""
         app = web.Application(handler_args={"auto_decompress": False})
         app.router.add_post("/token", self.token)
         app.router.add_route("*", "/{tail:.*}", self.api)
@@ -87,6 +76,7 @@ class FakeBol:
     # -- login.bol.com
 
     async def token(self, request: web.Request) -> web.Response:
+        """login.bol.com's token endpoint: client credentials, refresh token, code."""
         body = await request.read()
         client = self._client(request.headers.get("Authorization", ""))
         self.token_requests.append(Seen(request.method, request.raw_path,
@@ -150,6 +140,7 @@ class FakeBol:
     # -- api.bol.com
 
     async def api(self, request: web.Request) -> web.StreamResponse:
+        """api.bol.com: the token is checked, then the gateway answers (or ``extra``)."""
         auth = request.headers.get("Authorization", "")
         token = auth[7:] if auth.startswith("Bearer ") else ""
         known = self.tokens.get(token)
@@ -164,91 +155,14 @@ class FakeBol:
         handler = self.extra.get(request.path)
         if handler is not None:
             return await handler(request)
-        path = request.path.split("/")
-        if len(path) > 1 and path[1].endswith("-demo"):
-            path[1] = path[1][: -len("-demo")]
-        route = "/".join(path)
-        headers = self._rate_limit(known[0], route)
-        if route == "/retailer/orders":
-            return self._json({"orders": [ORDER]}, headers)
-        if route.startswith("/retailer/orders/"):
-            return self._json({**ORDER, "orderId": path[-1]}, headers)
-        if route.startswith("/retailer/offers/"):
-            return self._json({**OFFER, "offerId": path[-1]}, headers)
-        if route.startswith("/shared/process-status/"):
-            return self._json({"processStatusId": path[-1], "eventType": "CREATE_OFFER",
-                               "description": "Create offer.", "status": "SUCCESS",
-                               "createTimestamp": "2026-11-27T10:12:31+01:00"}, headers)
-        return self._problem(404, "Not Found", f"No endpoint {request.path}")
-
-    def _rate_limit(self, client: str, route: str) -> dict[str, str]:
-        left = self._budget.get((client, route), 25) - 1
-        self._budget[(client, route)] = max(left, 0) if left >= 0 else 25
-        return {"X-RateLimit-Limit": "25", "X-RateLimit-Remaining": str(max(left, 0)),
-                "X-RateLimit-Reset": "60"}
+        return self._response(self.gateway.handle(Incoming(
+            request.method, request.path, request.query, request.headers, body, known[0],
+            self.clock(), f"{request.scheme}://{request.host}")))
 
     @staticmethod
-    def _json(data: object, headers: dict[str, str]) -> web.Response:
-        return web.Response(body=json.dumps(data).encode(), headers={**headers,
-                            "Content-Type": V10})
+    def _response(answer: Answer) -> web.Response:
+        return web.Response(status=answer.status, body=answer.body,
+                            headers={**answer.headers, "Content-Type": answer.content_type})
 
-    @staticmethod
-    def _problem(status: int, title: str, detail: str) -> web.Response:
-        body = {"type": "https://api.bol.com/problems", "title": title, "status": status,
-                "detail": detail}
-        return web.Response(status=status, body=json.dumps(body).encode(),
-                            headers={"Content-Type": V10})
-
-
-async def start_fake(fake: FakeBol, host: str = "127.0.0.1", port: int = 0) -> tuple[
-        web.AppRunner, str]:
-    """Serve ``fake`` and return its runner and base URL."""
-    runner = web.AppRunner(fake.app(), access_log=None, handler_cancellation=True)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner, f"http://{host}:{runner.addresses[0][1]}"
-
-
-def demo_config(base_url: str, port: int) -> dict[str, Any]:
-    """The proxy configuration that points at the imitation."""
-    return {
-        "listen": {"host": "127.0.0.1", "port": port},
-        "upstream": {"api_url": base_url, "token_url": base_url + "/token"},
-        "credentials": {"demo": {"client_id": DEMO_CLIENT_ID,
-                                 "client_secret": DEMO_CLIENT_SECRET}},
-    }
-
-
-def run_demo(port: int) -> int:
-    """Run the imitation and the proxy until interrupted."""
-    from .app import ProxyServer
-    from .config import validate
-    from .errors import StartupError
-
-    async def main() -> int:
-        fake = FakeBol(ttl=60)
-        runner, base = await start_fake(fake)
-        server = ProxyServer(validate(demo_config(base, port), source="demo"))
-        try:
-            await server.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise StartupError(f"cannot listen on 127.0.0.1:{port}: "
-                               f"{exc.strerror or exc}") from None
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, log.info,
-                                "SIGHUP: the demo has no configuration file to reload")
-        p = server.port()
-        print(f"bol-proxy demo: imitation of bol.com at {base}, proxy at http://127.0.0.1:{p}")
-        print("Try:\n")
-        print(f"  curl -s -H 'Accept: {V10}' http://127.0.0.1:{p}/retailer/orders\n")
-        print("Tokens live 60 s and renew in the background; Ctrl-C stops.", flush=True)
-        await stop.wait()
-        await server.stop()
-        await runner.cleanup()
-        return 0
-
-    return asyncio.run(main())
+    def _problem(self, status: int, title: str, detail: str) -> web.Response:
+        return self._response(Problem(status, title, detail).answer())
