@@ -254,7 +254,9 @@ class Forwarder:
         (the set's current one unless given), send, and tell the budget what came back."""
         started = time.perf_counter()
         permit = await budget.acquire()
-        record.waited += time.perf_counter() - started
+        waited = time.perf_counter() - started
+        if waited > 0.001:  # it queued, rather than just asked
+            record.waited += waited
         try:
             if token is None:
                 token = await source.get()

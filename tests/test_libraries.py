@@ -38,24 +38,33 @@ async def demo() -> AsyncIterator[tuple[FakeBol, str]]:
     await runner.cleanup()
 
 
-async def test_python_bol_api_latest_logs_in_and_reads_orders_through_the_proxy(
+async def test_python_bol_api_latest_logs_in_reads_orders_and_ships_one_through_the_proxy(
     demo: tuple[FakeBol, str],
 ) -> None:
     fake, base = demo
     logins = len(fake.token_requests)
 
-    def tool() -> tuple[str, str]:
+    def tool() -> tuple[str, str, list[str], bool]:
         api = RetailerAPI(api_url=base, login_url=base)  # the only change: two URLs
         api.login("demo", MADE_UP_SECRET)
         orders = api.orders.list()
         order = api.orders.get(orders[0].orderId)
-        return orders[0].orderId, order.orderId
+        item = order.orderItems[0].orderItemId
+        process = api.orders.ship_order_item(item, "ref-1", transporter_code="TNT",
+                                             track_and_trace="3SAOLD1234567")
+        statuses = [process.status]
+        while statuses[-1] == "PENDING" and len(statuses) < 5:
+            statuses.append(api.process_status.getById(process.processStatusId).status)
+        shipped = any(any(i.orderItemId == item for i in shipment.shipmentItems)
+                      for shipment in api.shipments.list(order_id=order.orderId))
+        return orders[0].orderId, order.orderId, statuses, shipped
 
-    listed, got = await asyncio.to_thread(tool)
+    listed, got, statuses, shipped = await asyncio.to_thread(tool)
     assert listed == got
+    assert statuses[0] == "PENDING" and statuses[-1] == "SUCCESS"  # polled to the end
+    assert shipped  # the new shipment shows in the list once its process succeeded
     assert len(fake.token_requests) == logins  # the tool's login reached no bol
-    assert [seen.target.partition("?")[0] for seen in fake.api_requests] == [
-        "/retailer/orders", f"/retailer/orders/{listed}"]
+    assert [seen.method for seen in fake.api_requests][:3] == ["GET", "GET", "POST"]
 
 
 @contextlib.contextmanager
