@@ -298,12 +298,15 @@ class UpstreamProcess:
 
 
 def start_upstream(procs: Processes, workdir: Path, *, expires_in: int = 3600,
-                   verify_tokens: bool = False, timeout: float = 20.0) -> UpstreamProcess:
+                   verify_tokens: bool = False, metered: str | None = None,
+                   timeout: float = 20.0) -> UpstreamProcess:
     """Start the imitation of bol in its own process and wait for its port."""
     log = workdir / f"upstream-{expires_in}.log"
     argv = [sys.executable, "-m", "tests.benchmarks.upstream", "--expires-in", str(expires_in)]
     if verify_tokens:
         argv.append("--verify-tokens")
+    if metered:
+        argv += ["--metered", metered]
     upstream = UpstreamProcess(*_spawn_announcing(procs, argv, log, timeout))
     wait_for(upstream.port, "/_count", upstream.proc, time.perf_counter() + timeout, log)
     return upstream

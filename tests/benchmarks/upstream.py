@@ -9,9 +9,13 @@
 * ``GET /_count[?prefix=P]``: ``{"total", "clients", "by_client", "api_rejected"}``, the
   token requests so far (``by_client`` only for client ids starting with ``P``, and only
   when ``prefix`` is given).
-* ``GET /retailer/orders``: a prebuilt ~90-byte JSON body with ``X-RateLimit-*`` headers.
-  Nothing else happens per request, so measured directly this endpoint is the bare
-  aiohttp server: the framework's own per-hop cost.
+* ``GET /retailer/orders``: a prebuilt ~90-byte JSON body with ``X-RateLimit-*`` headers
+  of a budget too large to matter. Nothing else happens per request, so measured
+  directly this endpoint is the bare aiohttp server: the framework's own per-hop cost.
+* ``GET /retailer/metered``: with ``--metered LIMIT/SECONDS``, bol's enforcement of a
+  budget: LIMIT requests per client id in fixed windows of SECONDS, the state in
+  ``X-RateLimit-*``, 429 with ``Retry-After`` once spent; ``/_count`` then also gives
+  ``served`` and ``refused``.
 * ``GET /retailer/stream?size=BYTES``: that many bytes, in 64 KiB chunks.
 * ``POST /retailer/upload``: reads and discards the body, answers ``{"bytes": n}``.
 
@@ -26,6 +30,7 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import signal
 import sys
 import time
@@ -39,11 +44,11 @@ ORDERS_BODY = json.dumps(
     {"orders": [{"orderId": "1043946570", "orderPlacedDateTime": "2026-11-27T10:12:31+01:00"}]},
     separators=(",", ":"),
 ).encode()
-ORDERS_HEADERS = {
+ORDERS_HEADERS = {  # a budget the measurements never spend: the proxy's count stays out
     "Content-Type": "application/vnd.retailer.v10+json",
-    "X-RateLimit-Limit": "25",
-    "X-RateLimit-Remaining": "24",
-    "X-RateLimit-Reset": "60",
+    "X-RateLimit-Limit": "1000000",
+    "X-RateLimit-Remaining": "999999",
+    "X-RateLimit-Reset": "1",
 }
 CHUNK = b"\x5a" * (64 * 1024)
 MAX_STREAM = 64 * 1024**3  # a bound on ?size=, so a typo cannot stream forever
@@ -52,9 +57,13 @@ MAX_STREAM = 64 * 1024**3  # a bound on ?size=, so a typo cannot stream forever
 class Upstream:
     """The imitation's state: issued tokens and how many each client asked for."""
 
-    def __init__(self, expires_in: int, verify_tokens: bool) -> None:
+    def __init__(self, expires_in: int, verify_tokens: bool,
+                 metered: tuple[int, float] = (0, 1.0)) -> None:
         self.expires_in = expires_in
         self.verify_tokens = verify_tokens
+        self.limit, self.window = metered
+        self.windows: dict[str, tuple[float, int]] = {}  # client -> (window end, used)
+        self.served = self.refused = 0
         self.token_requests: Counter[str] = Counter()
         self.issued: dict[str, float] = {}  # token -> monotonic expiry (verify mode only)
         self.api_rejected = 0
@@ -66,6 +75,7 @@ class Upstream:
         app.router.add_get("/_count", self.counts)
         orders = self.verified(self.orders) if self.verify_tokens else self.orders
         app.router.add_get("/retailer/orders", orders)
+        app.router.add_get("/retailer/metered", self.metered)
         app.router.add_get("/retailer/stream", self.stream)
         app.router.add_post("/retailer/upload", self.upload)
         return app
@@ -88,7 +98,32 @@ class Upstream:
             "clients": len(self.token_requests),
             "by_client": by_client,
             "api_rejected": self.api_rejected,
+            "served": self.served,
+            "refused": self.refused,
         })
+
+    async def metered(self, request: web.Request) -> web.Response:
+        client = request.headers.get("Authorization", "")
+        now = time.monotonic()
+        end, used = self.windows.get(client, (0.0, 0))
+        if now >= end:
+            end, used = now + self.window, 0
+        left = max(1, math.ceil(end - now))
+        if used >= self.limit:
+            self.refused += 1
+            return web.Response(status=429, body=b'{"title":"Too Many Requests","status":429}',
+                                headers={"Content-Type": "application/vnd.retailer.v10+json",
+                                         "Retry-After": str(left),
+                                         "X-RateLimit-Limit": str(self.limit),
+                                         "X-RateLimit-Remaining": "0",
+                                         "X-RateLimit-Reset": str(left)})
+        self.windows[client] = (end, used + 1)
+        self.served += 1
+        return web.Response(body=ORDERS_BODY, headers={
+            "Content-Type": "application/vnd.retailer.v10+json",
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.limit - used - 1),
+            "X-RateLimit-Reset": str(left)})
 
     @staticmethod
     async def orders(request: web.Request) -> web.Response:
@@ -142,9 +177,9 @@ def _client_id(authorization: str) -> str:
         return "-"
 
 
-async def serve(expires_in: int, verify_tokens: bool) -> None:
+async def serve(expires_in: int, verify_tokens: bool, metered: tuple[int, float]) -> None:
     await serve_until_signalled(web.AppRunner(
-        Upstream(expires_in, verify_tokens).app(), access_log=None,
+        Upstream(expires_in, verify_tokens, metered).app(), access_log=None,
         handler_cancellation=True, keepalive_timeout=75.0))
 
 
@@ -173,8 +208,11 @@ def main() -> int:
                         help="lifetime of the tokens handed out, seconds (default 3600)")
     parser.add_argument("--verify-tokens", action="store_true",
                         help="answer 401 to API requests without a valid token of ours")
+    parser.add_argument("--metered", default="0/1", metavar="LIMIT/SECONDS",
+                        help="budget of /retailer/metered per client id (default 0/1)")
     args = parser.parse_args()
-    asyncio.run(serve(args.expires_in, args.verify_tokens))
+    limit, _, seconds = args.metered.partition("/")
+    asyncio.run(serve(args.expires_in, args.verify_tokens, (int(limit), float(seconds))))
     return 0
 
 
