@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -129,6 +129,38 @@ class TokenPolicy:
     idle_after: float = 900.0
 
 
+DEFAULT_KEY_PREFIX = "bol-proxy:"
+_KEY_PREFIX = re.compile(r"[!-~]{0,64}\Z")  # printable ASCII, no spaces: a Redis key part
+
+
+@dataclass(frozen=True)
+class SharedState:
+    """Where replicas share tokens and refresh tokens: Redis, or nowhere (alone)."""
+
+    redis_url: Secret | None = None  # may carry a password: shown only masked
+    key_prefix: str = DEFAULT_KEY_PREFIX
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis_url is not None
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password (and user name) replaced by stars, for people to read."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = "********@" + host + (f":{port}" if port is not None else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 @dataclass(frozen=True)
 class CredentialSet:
     """One set of client credentials; equal sets keep their tokens across a reload."""
@@ -161,6 +193,7 @@ class Config:
     credentials: Mapping[str, CredentialSet] = field(default_factory=dict)
     default_credentials: str | None = None
     source: str = "defaults"
+    shared_state: SharedState = SharedState()
 
     def dedicated_ports(self) -> dict[int, str]:
         """Listener port -> the set every request on it uses (SPEC §4 rule 1)."""
@@ -220,6 +253,8 @@ def load_env(env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("BOL_CLIENT_ID is set but neither BOL_CLIENT_SECRET nor "
                           "BOL_CLIENT_SECRET_FILE is")
     raw: dict[str, Any] = {"credentials": {"default": cred}, "listen": {}, "upstream": {}}
+    if env.get("BOL_PROXY_REDIS_URL"):
+        raw["shared_state"] = {"redis_url": env["BOL_PROXY_REDIS_URL"]}
     for variable, section, key in (
         ("BOL_PROXY_HOST", "listen", "host"),
         ("BOL_PROXY_PORT", "listen", "port"),
@@ -245,6 +280,7 @@ _ENV_KEYS = {
     "BOL_TOKEN_URL": "upstream.token_url",
     "BOL_CLIENT_ID": "credentials.default.client_id",
     "BOL_CLIENT_SECRET_FILE": "credentials.default.client_secret_file",
+    "BOL_PROXY_REDIS_URL": "shared_state.redis_url",
 }
 
 
@@ -379,6 +415,7 @@ def validate(raw: Mapping[str, Any], source: str = "configuration") -> Config:
     limits = _limits(_Section(top.take("limits"), "limits"))
     tokens = _tokens(_Section(top.take("tokens"), "tokens"))
     shutdown_timeout = top.number("shutdown_timeout", 30.0)
+    shared_state = _shared_state(_Section(top.take("shared_state"), "shared_state"))
     roots = {p.strip("/").split("/")[0] for p in upstream.allowed_paths}
     sets_raw = _Section(top.take("credentials"), "credentials")
     if not sets_raw.raw:
@@ -394,7 +431,8 @@ def validate(raw: Mapping[str, Any], source: str = "configuration") -> Config:
     if default is not None and default not in credentials:
         raise ConfigError(f"default_credentials: no credential set named '{default}'")
     check_ports(listen, credentials)
-    return Config(listen, upstream, limits, tokens, shutdown_timeout, credentials, default, source)
+    return Config(listen, upstream, limits, tokens, shutdown_timeout, credentials, default, source,
+                  shared_state)
 
 
 def _listen(s: _Section) -> Listen:
@@ -468,6 +506,32 @@ def _tokens(s: _Section) -> TokenPolicy:
     idle = s.number("idle_after", TokenPolicy.idle_after)
     s.done()
     return TokenPolicy(margin, ttl, idle)
+
+
+def _shared_state(s: _Section) -> SharedState:
+    url = s.take("redis_url")
+    prefix = s.string("key_prefix", DEFAULT_KEY_PREFIX)
+    s.done()
+    if prefix is None or not _KEY_PREFIX.match(prefix):
+        raise ConfigError(f"{s.key('key_prefix')}: expected up to 64 printable characters "
+                          f"without spaces, got {_show(prefix)}")
+    if url is None or url == "":
+        return SharedState(None, prefix)
+    if not isinstance(url, str):
+        raise ConfigError(f"{s.key('redis_url')}: expected a redis:// or rediss:// URL")
+    # The URL is never echoed: it may carry the password of the Redis server.
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{s.key('redis_url')}: not a valid URL") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname or parts.fragment:
+        raise ConfigError(f"{s.key('redis_url')}: expected redis://[:password@]host[:port][/db] "
+                          "or rediss://... (TLS)")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"{s.key('redis_url')}: the path must be a database number")
+    return SharedState(Secret(url), prefix)
 
 
 def _credential_set(name: Any, raw: Any, roots: set[str]) -> CredentialSet:
@@ -566,6 +630,12 @@ def summary(config: Config) -> Iterator[str]:
     t = config.tokens
     yield (f"tokens: refresh_margin {t.refresh_margin:g}s, default_ttl {t.default_ttl:g}s, "
            f"idle_after {t.idle_after:g}s")
+    shared = config.shared_state
+    if shared.redis_url is None:
+        yield "shared state: none (this replica keeps its tokens to itself)"
+    else:
+        yield (f"shared state: {masked_url(shared.redis_url.reveal())}, "
+               f"key prefix {shared.key_prefix!r}")
     yield f"credential sets: {len(config.credentials)} (default: {config.default_credentials})"
     shown: Callable[[CredentialSet], str] = lambda c: (  # noqa: E731
         f"  {c.name}: client_id {c.client_id}, client_secret ********, grant {c.grant}, "
