@@ -3,18 +3,24 @@
 ``health`` says the process serves; ``ready`` says every ``prefetch`` set holds a valid
 token (and the proxy is not shutting down), so an orchestrator routes traffic to it only
 when requests will not wait for or fail on a token; ``metrics`` is Prometheus text.
+Readiness stays driven by the sets' tokens: Redis being down is shown in ``ready``'s
+``shared_state`` object, but a replica with valid tokens still serves.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .errors import MethodNotAllowed, NotFound, problem_response
 from .metrics import CONTENT_TYPE, Metrics
 from .tokens import Tokens, TokenSource
+
+if TYPE_CHECKING:
+    from .shared import SharedStore
 
 
 def _iso(wall: float | None) -> str | None:
@@ -26,9 +32,11 @@ def _iso(wall: float | None) -> str | None:
 class Admin:
     """Handlers for health, readiness and metrics."""
 
-    def __init__(self, tokens: Tokens, metrics: Metrics) -> None:
+    def __init__(self, tokens: Tokens, metrics: Metrics,
+                 shared: SharedStore | None = None) -> None:
         self._tokens = tokens
         self._metrics = metrics
+        self._shared = shared
         self.shutting_down = False
 
     async def health(self, request: web.BaseRequest) -> web.Response:
@@ -47,9 +55,17 @@ class Admin:
             if cred.prefetch and cred.name not in sets:
                 sets[cred.name] = {"state": "starting", "prefetch": True}
                 ready = False
-        body = {"ready": ready, "shutting_down": self.shutting_down, "sets": sets}
+        body = {"ready": ready, "shutting_down": self.shutting_down, "sets": sets,
+                "shared_state": self._shared_state()}
         return web.Response(status=200 if ready else 503, text=json.dumps(body),
                             content_type="application/json")
+
+    def _shared_state(self) -> dict[str, object]:
+        if self._shared is None:
+            return {"configured": False}
+        health = self._shared.health
+        return {"configured": True, "up": health.up, "since": _iso(health.since),
+                "last_error": health.last_error}
 
     @staticmethod
     def _state(source: TokenSource, tokens: Tokens) -> dict[str, object]:

@@ -18,7 +18,8 @@ import contextlib
 import logging
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import http_parser, web
@@ -29,11 +30,14 @@ from .config import Config, CredentialSet
 from .errors import ConfigError, StartupError
 from .forward import Forwarder, Settings
 from .metrics import Metrics
-from .oauth import Grant, TokenClient, client_credentials_form
+from .oauth import TOKEN_ANSWER_TIMEOUT, Grant, TokenClient, client_credentials_form
 from .refresh import RefreshGrant, RefreshTokenFile
 from .server import Roles, Server
-from .tokens import Clock, Obtain, Tokens
+from .tokens import Clock, Obtain, Supply, Tokens
 from .upstream import UpstreamPool
+
+if TYPE_CHECKING:  # redis is imported only when shared_state is configured
+    from .shared import SharedStore
 
 log = logging.getLogger("proxy")
 
@@ -98,10 +102,16 @@ class ProxyServer:
     """The proxy behind its listeners, with reload and graceful stop."""
 
     def __init__(self, config: Config, clock: Clock | None = None,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 before_spend: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """``before_spend`` is awaited, with the set's name, by a replica that holds the
+        lease on a refresh-token set, right before it confirms the lease and spends the
+        refresh token: tests freeze a holder there."""
         self.config = config
         self._clock = clock or Clock()
         self._rand = rand
+        self._before_spend = before_spend
+        self.shared: SharedStore | None = None
         self.metrics = Metrics()
         self._refresh_files: dict[str, RefreshTokenFile] = {}
         self._sites: dict[tuple[str, int], web.TCPSite] = {}
@@ -115,11 +125,18 @@ class ProxyServer:
         self.session = client_session(config)
         self.token_client = TokenClient(self.session, config.upstream.token_url,
                                         config.upstream.connect_timeout)
+        if config.shared_state.enabled:
+            from .shared import SharedStore
+
+            self.shared = SharedStore(config.shared_state, clock, self.metrics.shared_error)
+            await self.shared.start()  # if Redis is down, the proxy starts all the same
         self.tokens = Tokens(config, self._obtainer, clock, self._rand,
-                             self.metrics.token_fetched)
+                             self.metrics.token_fetched,
+                             self._supply if self.shared is not None else None)
         self.forwarder = Forwarder(Settings.from_config(config), self.tokens,
                                    upstream_pool(config), self.metrics)
-        self.admin = Admin(self.tokens, self.metrics)
+        self.admin = Admin(self.tokens, self.metrics, self.shared)
+        self.metrics.watch_shared(self.shared)
         self.metrics.watch_tokens(self.tokens.active, clock.monotonic,
                                   self._authorisation_expiry)
         server = self._server = Server(
@@ -148,20 +165,39 @@ class ProxyServer:
             return await self.admin.handle(request)
         return await self.forwarder.handle(request)
 
+    def _refresh_file(self, cred: CredentialSet) -> RefreshTokenFile:
+        assert cred.refresh_token_file is not None
+        store = self._refresh_files.get(cred.name)
+        if store is None or store.path != cred.refresh_token_file:
+            store = RefreshTokenFile(cred.refresh_token_file, self._clock.wall)
+            self._refresh_files[cred.name] = store
+        return store
+
     def _obtainer(self, cred: CredentialSet) -> Obtain:
         """How set ``cred`` gets its tokens: client credentials, or its refresh token."""
         if cred.grant == "refresh_token" and cred.refresh_token_file is not None:
-            store = self._refresh_files.get(cred.name)
-            if store is None or store.path != cred.refresh_token_file:
-                store = RefreshTokenFile(cred.refresh_token_file, self._clock.wall)
-                self._refresh_files[cred.name] = store
-            return RefreshGrant(cred, self.token_client, store, self._clock.wall)
+            return RefreshGrant(cred, self.token_client, self._refresh_file(cred),
+                                self._clock.wall)
         client = self.token_client
 
         async def client_credentials() -> Grant:
             return await client.request(cred, client_credentials_form())
 
         return client_credentials
+
+    def _supply(self, cred: CredentialSet) -> Supply:
+        """How set ``cred`` renews through the shared state (shared_state is configured)."""
+        from .shared_tokens import SharedRefresh, SharedSupply, TokenGroup, lease_ttl
+
+        assert self.shared is not None
+        group = TokenGroup(self.shared, cred, self._clock)
+        lease = lease_ttl(self.config.upstream.connect_timeout, TOKEN_ANSWER_TIMEOUT)
+        if cred.grant == "refresh_token" and cred.refresh_token_file is not None:
+            refresh = SharedRefresh(group, self.token_client, self._refresh_file(cred),
+                                    self._clock.wall, self._before_spend,
+                                    self.metrics.refresh_conflict)
+            return SharedSupply(group, self._clock, lease, refresh=refresh)
+        return SharedSupply(group, self._clock, lease, fetch=self._obtainer(cred))
 
     def _authorisation_expiry(self, name: str) -> float | None:
         store = self._refresh_files.get(name)
@@ -200,6 +236,8 @@ class ProxyServer:
         """Apply a new configuration without dropping in-flight requests."""
         if config.upstream.ca_file != self.config.upstream.ca_file:
             log.warning("upstream.ca_file changed: it takes effect after a restart")
+        if config.shared_state != self.config.shared_state:
+            log.warning("shared_state changed: it takes effect after a restart")
         try:
             await self._listen(config)
         except OSError as exc:
@@ -251,5 +289,7 @@ class ProxyServer:
         await self._runner.cleanup()  # stops the listeners, then waits for handlers
         self._sites.clear()
         await self.tokens.close()
+        if self.shared is not None:
+            await self.shared.close()
         await self.forwarder.pool.close()
         await self.session.close()
