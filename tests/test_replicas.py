@@ -45,7 +45,8 @@ from proxy.config import Secret, SharedState, validate
 from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, FakeBol, Seen, start_fake
 from proxy.shared import SharedStore
 from proxy.shared_tokens import TokenGroup
-from tests.conftest import FakeClock, free_port, wait_until
+from proxy.tokens import SHARED_CONFLICT
+from tests.conftest import FakeClock, free_port, settle, wait_until
 from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(40)]
@@ -507,8 +508,10 @@ async def test_an_authorisation_during_a_refresh_wins_and_the_late_rotation_is_d
         await wait_until(lambda: conflicts(holder) == 1)
         record = await group.read_refresh()
         assert (record.version, record.token) == (2, Secret(new_chain))  # authorize won
-        freezer.thaw.set()
-        await clock.advance(1.0)  # its next attempt spends the new chain
+        source = holder.tokens.source("seller")
+        await wait_until(lambda: source.last_error == SHARED_CONFLICT)
+        await settle()  # its renewal loop now waits on its clock for the next attempt
+        await clock.advance(1.0)  # which spends the new chain
         async with asyncio.timeout(5):
             while (await group.read_refresh()).version < 3:  # noqa: ASYNC110 - Redis, no event
                 await asyncio.sleep(0.01)

@@ -315,3 +315,25 @@ async def test_a_redis_without_aof_that_evicts_any_key_is_warned_about_once_at_s
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2
     assert "append-only" in lines[0] and "allkeys-lru" in lines[1]
+
+
+async def test_a_lease_whose_set_timed_out_in_a_frozen_redis_is_removed_once_it_answers(
+    store: SharedStore, clock: FakeClock, redis_server: RedisServer
+) -> None:
+    key = store.key("lock")
+    redis_server.freeze()
+    try:
+        with pytest.raises(SharedStateDown):
+            await Lease.acquire(store, key, 30, clock)  # the SET waits in Redis's socket
+        await settle()
+    finally:
+        redis_server.resume()
+    await eventually(lambda: _exists(redis_server, key))  # Redis ran it on resuming
+    await clock.advance(PROBE_INTERVAL)
+    await wait_until(lambda: store.up)
+    await eventually(lambda: _gone(redis_server, key))  # nobody waits on a phantom holder
+    assert await Lease.acquire(store, key, 30, clock) is not None
+
+
+async def _exists(redis_server: RedisServer, key: str) -> bool:
+    return not await _gone(redis_server, key)
