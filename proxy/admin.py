@@ -4,7 +4,9 @@
 token (and the proxy is not shutting down), so an orchestrator routes traffic to it only
 when requests will not wait for or fail on a token; ``metrics`` is Prometheus text;
 ``limits`` lists every rate-limit bucket (limit, remaining, reset, blocked until,
-requests waiting).
+requests waiting). Readiness stays driven by the sets' tokens: Redis being down is
+shown in ``ready``'s ``shared_state`` object, but a replica with valid tokens still
+serves.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .errors import MethodNotAllowed, NotFound, problem_response
 from .metrics import CONTENT_TYPE, Metrics
 from .tokens import Tokens, TokenSource
+
+if TYPE_CHECKING:
+    from .shared import SharedStore
 
 
 def iso(wall: float | None) -> str | None:
@@ -31,10 +37,12 @@ class Admin:
     """Handlers for health, readiness and metrics."""
 
     def __init__(self, tokens: Tokens, metrics: Metrics,
-                 limits: Callable[[], dict[str, object]]) -> None:
+                 limits: Callable[[], dict[str, object]],
+                 shared: SharedStore | None = None) -> None:
         self._tokens = tokens
         self._metrics = metrics
         self._limits = limits
+        self._shared = shared
         self.shutting_down = False
 
     async def health(self, request: web.BaseRequest) -> web.Response:
@@ -53,9 +61,17 @@ class Admin:
             if cred.prefetch and cred.name not in sets:
                 sets[cred.name] = {"state": "starting", "prefetch": True}
                 ready = False
-        body = {"ready": ready, "shutting_down": self.shutting_down, "sets": sets}
+        body = {"ready": ready, "shutting_down": self.shutting_down, "sets": sets,
+                "shared_state": self._shared_state()}
         return web.Response(status=200 if ready else 503, text=json.dumps(body),
                             content_type="application/json")
+
+    def _shared_state(self) -> dict[str, object]:
+        if self._shared is None:
+            return {"configured": False}
+        health = self._shared.health
+        return {"configured": True, "up": health.up, "since": iso(health.since),
+                "last_error": health.last_error}
 
     @staticmethod
     def _state(source: TokenSource, tokens: Tokens) -> dict[str, object]:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -30,13 +31,16 @@ from .errors import ConfigError
 from .forward import Forwarder, Settings
 from .listeners import Listeners
 from .metrics import Metrics
-from .oauth import Grant, TokenClient, client_credentials_form
+from .oauth import TOKEN_ANSWER_TIMEOUT, Grant, TokenClient, client_credentials_form
 from .ratelimit import RateLimiter
 from .refresh import RefreshGrant, RefreshTokenFile
 from .server import Server, check_aiohttp
 from .standin import StandIn, is_login_path
-from .tokens import Clock, Obtain, Tokens
+from .tokens import Clock, Obtain, Supply, Tokens
 from .upstream import UpstreamPool
+
+if TYPE_CHECKING:  # redis is imported only when shared_state is configured
+    from .shared import SharedStore
 
 log = logging.getLogger("proxy")
 
@@ -87,10 +91,16 @@ class ProxyServer:
     """The proxy behind its listeners, with reload and graceful stop."""
 
     def __init__(self, config: Config, clock: Clock | None = None,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 before_spend: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """``before_spend`` is awaited, with the set's name, by a replica that holds the
+        lease on a refresh-token set, right before it confirms the lease and spends the
+        refresh token: tests freeze a holder there."""
         self.config = config
         self._clock = clock or Clock()
         self._rand = rand
+        self._before_spend = before_spend
+        self.shared: SharedStore | None = None
         self.metrics = Metrics()
         self._refresh_files: dict[str, RefreshTokenFile] = {}
         self._started = self._stopped = False
@@ -104,8 +114,14 @@ class ProxyServer:
         self.session = client_session(config)
         self.token_client = TokenClient(self.session, config.upstream.token_url,
                                         config.upstream.connect_timeout)
+        if config.shared_state.enabled:
+            from .shared import SharedStore
+
+            self.shared = SharedStore(config.shared_state, clock, self.metrics.shared_error)
+            await self.shared.start()  # if Redis is down, the proxy starts all the same
         self.tokens = Tokens(config, self._obtainer, clock, self._rand,
-                             self.metrics.token_fetched)
+                             self.metrics.token_fetched,
+                             self._supply if self.shared is not None else None)
         server = Server(
             self._handle,
             roles=lambda: self.listeners.roles,
@@ -124,7 +140,8 @@ class ProxyServer:
         self.forwarder = Forwarder(Settings.from_config(config), self.tokens,
                                    upstream_pool(config), self.metrics, self.listeners.admits,
                                    self.limiter if config.rate_limits.enabled else None)
-        self.admin = Admin(self.tokens, self.metrics, self._limits)
+        self.admin = Admin(self.tokens, self.metrics, self._limits, self.shared)
+        self.metrics.watch_shared(self.shared)
         self.metrics.watch_budgets(self.limiter.snapshot)
         self.standin = StandIn(config, self.metrics, self.listeners.admits,
                                lambda: self.listeners.roles, clock.wall)
@@ -146,14 +163,19 @@ class ProxyServer:
             return await self.standin.handle(request)
         return await self.forwarder.handle(request)
 
+    def _refresh_file(self, cred: CredentialSet) -> RefreshTokenFile:
+        assert cred.refresh_token_file is not None
+        store = self._refresh_files.get(cred.name)
+        if store is None or store.path != cred.refresh_token_file:
+            store = RefreshTokenFile(cred.refresh_token_file, self._clock.wall)
+            self._refresh_files[cred.name] = store
+        return store
+
     def _obtainer(self, cred: CredentialSet) -> Obtain:
         """How set ``cred`` gets its tokens: client credentials, or its refresh token."""
         if cred.grant == "refresh_token" and cred.refresh_token_file is not None:
-            store = self._refresh_files.get(cred.name)
-            if store is None or store.path != cred.refresh_token_file:
-                store = RefreshTokenFile(cred.refresh_token_file, self._clock.wall)
-                self._refresh_files[cred.name] = store
-            return RefreshGrant(cred, self.token_client, store, self._clock.wall)
+            return RefreshGrant(cred, self.token_client, self._refresh_file(cred),
+                                self._clock.wall)
         client = self.token_client
 
         async def client_credentials() -> Grant:
@@ -178,6 +200,20 @@ class ProxyServer:
         return {"enabled": rate_limits.enabled, "max_wait": rate_limits.max_wait,
                 "sets": sets}
 
+    def _supply(self, cred: CredentialSet) -> Supply:
+        """How set ``cred`` renews through the shared state (shared_state is configured)."""
+        from .shared_tokens import SharedRefresh, SharedSupply, TokenGroup, lease_ttl
+
+        assert self.shared is not None
+        group = TokenGroup(self.shared, cred, self._clock)
+        lease = lease_ttl(self.config.upstream.connect_timeout, TOKEN_ANSWER_TIMEOUT)
+        if cred.grant == "refresh_token" and cred.refresh_token_file is not None:
+            refresh = SharedRefresh(group, self.token_client, self._refresh_file(cred),
+                                    self._clock.wall, self._before_spend,
+                                    self.metrics.refresh_conflict)
+            return SharedSupply(group, self._clock, lease, refresh=refresh)
+        return SharedSupply(group, self._clock, lease, fetch=self._obtainer(cred))
+
     def _authorisation_expiry(self, name: str) -> float | None:
         store = self._refresh_files.get(name)
         return store.authorisation_expiry() if store is not None else None
@@ -190,6 +226,8 @@ class ProxyServer:
         """Apply a new configuration without dropping in-flight requests."""
         if config.upstream.ca_file != self.config.upstream.ca_file:
             log.warning("upstream.ca_file changed: it takes effect after a restart")
+        if config.shared_state != self.config.shared_state:
+            log.warning("shared_state changed: it takes effect after a restart")
         try:
             opened, closed = await self.listeners.open(config)
         except OSError as exc:
@@ -232,5 +270,7 @@ class ProxyServer:
         await self._runner.cleanup()  # stops the listeners, then waits for handlers
         self.listeners.forget()
         await self.tokens.close()
+        if self.shared is not None:
+            await self.shared.close()
         await self.forwarder.pool.close()
         await self.session.close()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from . import configfile
 from .errors import ConfigError, ConfigFileError
@@ -117,6 +117,38 @@ class TokenPolicy:
     idle_after: float = 900.0
 
 
+DEFAULT_KEY_PREFIX = "bol-proxy:"
+_KEY_PREFIX = re.compile(r"[!-~]{0,64}\Z")  # printable ASCII, no spaces: a Redis key part
+
+
+@dataclass(frozen=True)
+class SharedState:
+    """Where replicas share tokens and refresh tokens: Redis, or nowhere (alone)."""
+
+    redis_url: Secret | None = None  # may carry a password: shown only masked
+    key_prefix: str = DEFAULT_KEY_PREFIX
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis_url is not None
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password (and user name) replaced by stars, for people to read."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = "********@" + host + (f":{port}" if port is not None else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 @dataclass(frozen=True)
 class CredentialSet:
     """One set of client credentials; equal sets keep their tokens across a reload."""
@@ -150,6 +182,7 @@ class Config:
     credentials: Mapping[str, CredentialSet] = field(default_factory=dict)
     default_credentials: str | None = None
     source: str = "defaults"
+    shared_state: SharedState = SharedState()
 
     def dedicated_ports(self) -> dict[int, str]:
         """Listener port -> the set every request on it uses (a set's dedicated port
@@ -205,6 +238,8 @@ def load_env(env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("BOL_CLIENT_ID is set but neither BOL_CLIENT_SECRET nor "
                           "BOL_CLIENT_SECRET_FILE is")
     raw: dict[str, Any] = {"credentials": {"default": cred}, "listen": {}, "upstream": {}}
+    if env.get("BOL_PROXY_REDIS_URL"):
+        raw["shared_state"] = {"redis_url": env["BOL_PROXY_REDIS_URL"]}
     for variable, section, key in (
         ("BOL_PROXY_HOST", "listen", "host"),
         ("BOL_PROXY_PORT", "listen", "port"),
@@ -230,6 +265,7 @@ _ENV_KEYS = {
     "BOL_TOKEN_URL": "upstream.token_url",
     "BOL_CLIENT_ID": "credentials.default.client_id",
     "BOL_CLIENT_SECRET_FILE": "credentials.default.client_secret_file",
+    "BOL_PROXY_REDIS_URL": "shared_state.redis_url",
 }
 
 
@@ -356,14 +392,15 @@ def _show(value: Any) -> str:
 
 
 # The keys each section may have (the sets under credentials have names of their own).
-TOP_KEYS = ("listen", "upstream", "limits", "tokens", "rate_limits", "shutdown_timeout",
-            "credentials", "default_credentials")
+TOP_KEYS = ("listen", "upstream", "limits", "tokens", "rate_limits", "shared_state",
+            "shutdown_timeout", "credentials", "default_credentials")
 LISTEN_KEYS = ("host", "port")
 UPSTREAM_KEYS = ("api_url", "token_url", "connect_timeout", "timeout", "ca_file",
                  "allowed_paths")
 LIMITS_KEYS = ("max_body_size", "replay_buffer")
 TOKENS_KEYS = ("refresh_margin", "default_ttl", "idle_after")
 RATE_LIMITS_KEYS = ("enabled", "max_wait")
+SHARED_STATE_KEYS = ("redis_url", "key_prefix")
 SET_KEYS = ("client_id", "client_secret", "client_secret_file", "grant", "prefetch", "port",
             "refresh_token_file", "redirect_uri")
 
@@ -378,6 +415,8 @@ def validate(raw: Mapping[str, Any], source: str = "configuration") -> Config:
     rate_limits = _rate_limits(_Section(top.take("rate_limits"), "rate_limits",
                                         RATE_LIMITS_KEYS))
     shutdown_timeout = top.number("shutdown_timeout", 30.0)
+    shared_state = _shared_state(_Section(top.take("shared_state"), "shared_state",
+                                          SHARED_STATE_KEYS))
     roots = {p.strip("/").split("/")[0] for p in upstream.allowed_paths}
     sets_raw = _Section(top.take("credentials"), "credentials")
     if not sets_raw.raw:
@@ -394,7 +433,7 @@ def validate(raw: Mapping[str, Any], source: str = "configuration") -> Config:
         raise ConfigError(f"default_credentials: no credential set named '{default}'")
     check_ports(listen, credentials)
     return Config(listen, upstream, limits, tokens, rate_limits, shutdown_timeout, credentials,
-                  default, source)
+                  default, source, shared_state)
 
 
 def _listen(s: _Section) -> Listen:
@@ -475,6 +514,32 @@ def _rate_limits(s: _Section) -> RateLimits:
     max_wait = s.number("max_wait", RateLimits.max_wait, exclusive=False, maximum=3600)
     s.done()
     return RateLimits(enabled, max_wait)
+
+
+def _shared_state(s: _Section) -> SharedState:
+    url = s.take("redis_url")
+    prefix = s.string("key_prefix", DEFAULT_KEY_PREFIX)
+    s.done()
+    if prefix is None or not _KEY_PREFIX.match(prefix):
+        raise ConfigError(f"{s.key('key_prefix')}: expected up to 64 printable characters "
+                          f"without spaces, got {_show(prefix)}")
+    if url is None or url == "":
+        return SharedState(None, prefix)
+    if not isinstance(url, str):
+        raise ConfigError(f"{s.key('redis_url')}: expected a redis:// or rediss:// URL")
+    # The URL is never echoed: it may carry the password of the Redis server.
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{s.key('redis_url')}: not a valid URL") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname or parts.fragment:
+        raise ConfigError(f"{s.key('redis_url')}: expected redis://[:password@]host[:port][/db] "
+                          "or rediss://... (TLS)")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"{s.key('redis_url')}: the path must be a database number")
+    return SharedState(Secret(url), prefix)
 
 
 def _credential_set(name: Any, raw: Any, roots: set[str]) -> CredentialSet:
@@ -577,6 +642,12 @@ def summary(config: Config) -> Iterator[str]:
     r = config.rate_limits
     yield (f"rate limits: {'kept per set and endpoint' if r.enabled else 'off'}"
            + (f", requests wait at most {r.max_wait:g}s for budget" if r.enabled else ""))
+    shared = config.shared_state
+    if shared.redis_url is None:
+        yield "shared state: none (this replica keeps its tokens to itself)"
+    else:
+        yield (f"shared state: {masked_url(shared.redis_url.reveal())}, "
+               f"key prefix {shared.key_prefix!r}")
     yield (f"{plural(len(config.credentials), 'credential set')} "
            f"(default: {config.default_credentials})")
     shown: Callable[[CredentialSet], str] = lambda c: (  # noqa: E731
@@ -622,7 +693,7 @@ def changes(old: Config, new: Config, opened: Iterable[int] = (),
             said.append(f"{plural(len(ports), 'listener')} {verb} "
                         f"(port{'s' if len(ports) > 1 else ''} "
                         f"{', '.join(map(str, ports))})")
-    for section in ("listen", "upstream", "limits", "tokens", "rate_limits"):
+    for section in ("listen", "upstream", "limits", "tokens", "rate_limits", "shared_state"):
         if getattr(old, section) != getattr(new, section):
             said.append(f"{section} settings changed")
     if old.shutdown_timeout != new.shutdown_timeout:

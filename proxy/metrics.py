@@ -9,6 +9,7 @@ gauges are computed at scrape time from the token sources.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,6 +24,9 @@ from prometheus_client.registry import Collector
 
 from .budgets import Snapshot
 from .tokens import TokenSource
+
+if TYPE_CHECKING:
+    from .shared import SharedStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -53,6 +57,18 @@ class Metrics:
         self.token_fetches = Counter(
             "bol_proxy_token_fetches", "Token requests to login.bol.com, by set and outcome",
             ["set", "outcome"], registry=r,
+        )
+        self.adoptions = Counter(
+            "bol_proxy_shared_tokens_adopted", "Tokens taken from the shared state, obtained "
+            "by another replica (no token request made here)", ["set"], registry=r,
+        )
+        self.shared_errors = Counter(
+            "bol_proxy_shared_state_errors", "Failed calls to the shared state (Redis), by "
+            "reason", ["reason"], registry=r,
+        )
+        self.refresh_conflicts = Counter(
+            "bol_proxy_shared_refresh_conflicts", "Refreshes this replica lost to another "
+            "one after its lease ran out (a frozen or stalled holder)", ["set"], registry=r,
         )
         self.replays = Counter(
             "bol_proxy_replays", "Requests replayed once after a 401 with a renewed token",
@@ -125,7 +141,23 @@ class Metrics:
         self.registry.register(_BudgetCollector(buckets, self.bucket_label))
 
     def token_fetched(self, set_name: str, outcome: str) -> None:
-        self.token_fetches.labels(set_name, outcome).inc()
+        if outcome == "adopted":
+            self.adoptions.labels(set_name).inc()
+        else:
+            self.token_fetches.labels(set_name, outcome).inc()
+
+    def shared_error(self, reason: str) -> None:
+        self.shared_errors.labels(reason).inc()
+
+    def refresh_conflict(self, set_name: str) -> None:
+        self.refresh_conflicts.labels(set_name).inc()
+
+    def watch_shared(self, shared: SharedStore | None) -> None:
+        """Expose whether the shared state answers (only when it is configured)."""
+        if shared is not None:
+            Gauge("bol_proxy_shared_state_up", "1 while the shared state (Redis) answers, "
+                  "0 while it is down", registry=self.registry).set_function(
+                      lambda: 1.0 if shared.up else 0.0)
 
     def watch_tokens(self, sources: Callable[[], Iterable[TokenSource]],
                      monotonic: Callable[[], float],

@@ -191,20 +191,17 @@ def jwt_expiry(token: str) -> float | None:
 class RefreshGrant:
     """Obtains access tokens for a ``grant: refresh_token`` set and keeps its file current."""
 
-    WARN_BEFORE = 60 * 86400  # bol advises renewing the authorisation within two months
-
     def __init__(self, cred: CredentialSet, client: TokenClient, store: RefreshTokenFile,
                  wall: Callable[[], float] = time.time) -> None:
         self._cred = cred
         self._client = client
         self.store = store
-        self._wall = wall
-        self._last_warning = -math.inf
+        self._warning = ExpiryWarning(cred, store, wall)
 
     async def __call__(self) -> Grant:
         async with self.store.locked():
             grant = await self._refresh()
-        self._warn_if_expiring()
+        self._warning.check()
         return grant
 
     async def _refresh(self) -> Grant:
@@ -233,8 +230,21 @@ class RefreshGrant:
                 log.info("set %s: refresh token rotated and saved", self._cred.name)
         return grant
 
-    def _warn_if_expiring(self) -> None:
-        ends = self.store.authorisation_expiry()
+
+class ExpiryWarning:
+    """Warns once a day from 60 days before the seller's authorisation ends."""
+
+    WARN_BEFORE = 60 * 86400  # bol advises renewing the authorisation within two months
+
+    def __init__(self, cred: CredentialSet, store: RefreshTokenFile,
+                 wall: Callable[[], float] = time.time) -> None:
+        self._cred = cred
+        self._store = store
+        self._wall = wall
+        self._last_warning = -math.inf
+
+    def check(self) -> None:
+        ends = self._store.authorisation_expiry()
         now = self._wall()
         if ends is None or ends - now > self.WARN_BEFORE or now - self._last_warning < 86400:
             return

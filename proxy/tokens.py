@@ -18,6 +18,9 @@ Where tokens are renewed, and why it is safe:
   sets only while they are used within ``idle_after``.
 * A 401 from the API invalidates a token only if it is still the current one (compare,
   then invalidate), so a late 401 for an old token cannot evict a fresh one.
+* Replicas that share state (:mod:`proxy.shared_tokens`) renew through a :class:`Supply`
+  instead of a token request of their own: it may hand over a token another replica
+  obtained. When renewals happen is decided here all the same.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from cachetools import TLRUCache
 
@@ -43,6 +47,14 @@ EXPIRY_SLACK = 1.0  # seconds: bol allows one second of clock skew past ``exp``
 MAX_BACKOFF = 60.0
 REJECTED_BACKOFF = 60.0
 REPLACED_401_HOLD = 10.0  # a token fetched after a 401 is not itself evicted within this
+SHARED_RETRY = 1.0  # seconds between attempts that wait on the shared state, not on bol
+
+# Failures of the shared state, not of bol: retried every second (no token request was
+# refused, so there is nothing to back off from), and the set keeps its valid token.
+SHARED_STATE_DOWN = "shared_state_down"  # Redis unreachable: refresh-token sets wait
+SHARED_BUSY = "shared_busy"  # another replica holds the lease and has not delivered yet
+SHARED_CONFLICT = "shared_conflict"  # another replica overtook this one's lease
+SHARED_WAITS = frozenset({SHARED_STATE_DOWN, SHARED_BUSY, SHARED_CONFLICT})
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -100,7 +112,30 @@ class RenewalPolicy:
         return max(delay, REJECTED_BACKOFF) if rejected else delay
 
 
-Obtain = Callable[[], Awaitable[Grant]]
+Obtain = Callable[[], Awaitable[Grant]]  # one token request to login.bol.com
+
+
+@dataclass(frozen=True, slots=True)
+class Obtained:
+    """A grant and when its request was sent (monotonic); ``adopted``: obtained by another
+    replica and read from the shared state, so no token request was made here."""
+
+    grant: Grant
+    sent_at: float
+    adopted: bool = False
+
+
+class Supply(Protocol):
+    """Where a set's renewals get a token when replicas share state."""
+
+    async def obtain(self, held: Token | None, refused: Secret | None,
+                     settings: TokenPolicy) -> Obtained:
+        """A token better than ``held`` (the current one, if any), never ``refused`` (the
+        last token bol answered 401 to)."""
+        ...
+
+
+SupplyFactory = Callable[[CredentialSet], "Supply | None"]
 FetchObserver = Callable[[str, str], None]  # (set name, outcome: ok | rejected | failed)
 
 
@@ -116,10 +151,13 @@ class TokenSource:
         clock: Clock,
         on_fetch: FetchObserver | None = None,
         token_host: str = "login.bol.com",
+        supply: Supply | None = None,
     ) -> None:
         self.cred = cred
         self.token_host = token_host  # upstream.token_url's host, for messages
         self._obtain = obtain
+        self._supply = supply
+        self._refused: Secret | None = None  # the last token bol answered 401 to
         self.policy = policy
         self._cache = cache
         self._clock = clock
@@ -168,6 +206,7 @@ class TokenSource:
             # token, are the problem. Fetching again per request would get us blocked.
             return False
         del self._cache[self.cred]
+        self._refused = token.value
         self._next_attempt = -math.inf
         self._after_401 = True
         self._wake.set()  # the renewer fetches now, even if no request follows the 401
@@ -191,9 +230,15 @@ class TokenSource:
     # -- the fetch
 
     async def _fetch(self) -> Token | TokenEndpointError:
-        sent_at = self._clock.monotonic()
         try:
-            grant = await self._obtain()
+            if self._supply is None:
+                sent_at = self._clock.monotonic()
+                grant = await self._obtain()
+                adopted = False
+            else:
+                obtained = await self._supply.obtain(self.current(), self._refused,
+                                                     self.policy.settings)
+                grant, sent_at, adopted = obtained.grant, obtained.sent_at, obtained.adopted
         except TokenEndpointError as exc:
             return self._failed(exc)
         except Exception as exc:  # a bug or a disk error must not wedge the set
@@ -210,16 +255,17 @@ class TokenSource:
             # and back off rather than fetch again at once.
             return self._failed(TokenEndpointError("expired", "the token expired on arrival"))
         self._after_401 = False
+        self._refused = None
         self._cache[self.cred] = token
         if self.failures:
-            log.info("set %s: token endpoint recovered after %d failed attempts",
+            log.info("set %s: token renewal recovered after %d failed attempts",
                      self.cred.name, self.failures)
         self.failures, self.last_error = 0, None
         self._next_attempt = -math.inf
         self.last_renewal = self._clock.wall()
-        self._observe("ok")
-        log.debug("set %s: new token valid for %.0f s", self.cred.name,
-                  token.expires_at - sent_at)
+        self._observe("adopted" if adopted else "ok")
+        log.debug("set %s: %s token valid for %.0f s", self.cred.name,
+                  "shared" if adopted else "new", token.expires_at - self._clock.monotonic())
         self._wake.set()
         if self._renewer is None:
             self._start_renewer()
@@ -228,6 +274,16 @@ class TokenSource:
     def _failed(self, exc: TokenEndpointError) -> TokenEndpointError:
         now = self._clock.monotonic()
         self.failures += 1
+        if exc.code in SHARED_WAITS:
+            # No token request was refused: try again soon, so that the set heals within
+            # seconds of Redis (or the replica renewing it) answering again.
+            self._next_attempt = now + SHARED_RETRY
+            if self.last_error != exc.code:
+                log.warning("set %s: cannot renew now: %s; trying again every %g s",
+                            self.cred.name, exc.detail, SHARED_RETRY)
+            self.last_error = exc.code
+            self._wake.set()
+            return exc
         delay = self.policy.retry_delay(self.failures, exc.needs_operator)
         self._next_attempt = now + delay
         self._observe("rejected" if exc.rejected else "failed")
@@ -255,6 +311,10 @@ class TokenSource:
             "malformed": "the token endpoint gave an unusable answer",
             "timeout": "the token endpoint did not answer in time",
             "expired": "the token endpoint answered with an already expired token",
+            SHARED_STATE_DOWN: "the shared state (Redis) is unreachable, and a refresh-token "
+                               "set never refreshes without it",
+            SHARED_BUSY: "another replica is renewing it and has not stored a token yet",
+            SHARED_CONFLICT: "another replica renewed it meanwhile",
         }.get(self.last_error, f"the last token request failed ({self.last_error})")
         if self.last_error in REJECTIONS:
             why = f"{self.token_host} refused the credentials ({self.last_error})"
@@ -323,9 +383,11 @@ class Tokens:
         clock: Clock | None = None,
         rand: Callable[[], float] = random.random,
         on_fetch: FetchObserver | None = None,
+        supply_for: SupplyFactory | None = None,
     ) -> None:
         self._clock = clock or Clock()
         self._obtain_for = obtain_for
+        self._supply_for = supply_for
         self._rand = rand
         self._on_fetch = on_fetch
         self._cache: TLRUCache[CredentialSet, Token] = TLRUCache(
@@ -341,9 +403,10 @@ class Tokens:
         source = self._sources.get(name)
         if source is None:
             cred = self.config.credentials[name]
+            supply = self._supply_for(cred) if self._supply_for is not None else None
             source = TokenSource(cred, self._obtain_for(cred), self._policy, self._cache,
-                                 self._clock, self._on_fetch,
-                                 token_host=self._token_host)
+                                 self._clock, self._on_fetch, token_host=self._token_host,
+                                 supply=supply)
             self._sources[name] = source
         return source
 

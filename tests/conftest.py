@@ -225,3 +225,14 @@ async def problem(resp: aiohttp.ClientResponse) -> dict[str, Any]:
     body: dict[str, Any] = json.loads(await resp.read())
     assert body["status"] == resp.status
     return body
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Any) -> AsyncIterator[Any]:
+    """A real redis-server of this test's own (append-only file on, noeviction)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    await server.start()
+    yield server
+    server.kill()

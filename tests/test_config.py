@@ -817,3 +817,82 @@ def test_check_summary_says_how_to_point_a_tool_at_the_proxy() -> None:
     assert any("point tools at http://127.0.0.1:9000 instead of https://api.bol.com" in line
                for line in lines)
     assert any("login URL http://127.0.0.1:9000/token" in line for line in lines)
+
+
+# ------------------------------------------------------------------ shared_state
+
+REDIS_PASSWORD = "redis-password-0123456789"
+
+
+def test_without_shared_state_the_proxy_works_alone(tmp_path: Path) -> None:
+    shared = load_file(write(tmp_path, BASE), env={}).shared_state
+    assert not shared.enabled and shared.redis_url is None
+    assert shared.key_prefix == "bol-proxy:"
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:6379", "redis://redis", "redis://:pw@redis:6380/2",
+    "rediss://user:pw@redis.example:6380/0", "redis://[::1]:6379",
+])
+def test_shared_state_takes_redis_and_rediss_urls(tmp_path: Path, url: str) -> None:
+    raw = with_(shared_state={"redis_url": url, "key_prefix": "shop-a:"})
+    shared = load_file(write(tmp_path, raw), env={}).shared_state
+    assert shared.enabled and shared.redis_url is not None
+    assert shared.redis_url.reveal() == url and shared.key_prefix == "shop-a:"
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("http://redis:6379", "expected redis://"),
+    ("redis://", "expected redis://"),
+    ("redis://:" + REDIS_PASSWORD + "@redis:notaport", "not a valid URL"),
+    ("redis://:" + REDIS_PASSWORD + "@redis/zero", "database number"),
+    (["redis://redis"], "expected a redis:// or rediss:// URL"),
+])
+def test_a_bad_redis_url_is_an_error_that_never_echoes_it(
+    tmp_path: Path, url: object, why: str
+) -> None:
+    with pytest.raises(ConfigError, match=r"shared_state\.redis_url") as info:
+        load_file(write(tmp_path, with_(shared_state={"redis_url": url})), env={})
+    assert why in str(info.value)
+    assert REDIS_PASSWORD not in str(info.value)
+
+
+@pytest.mark.parametrize("prefix", ["with space:", "x" * 65, "tab\t"])
+def test_a_bad_key_prefix_is_an_error(tmp_path: Path, prefix: str) -> None:
+    with pytest.raises(ConfigError, match=r"shared_state\.key_prefix"):
+        load_file(write(tmp_path, with_(shared_state={"key_prefix": prefix})), env={})
+
+
+def test_unknown_keys_under_shared_state_are_errors(tmp_path: Path) -> None:
+    raw = with_(shared_state={"redis_url": "redis://redis", "redis_password": "x"})
+    with pytest.raises(ConfigError, match=r"shared_state\.redis_password: unknown key"):
+        load_file(write(tmp_path, raw), env={})
+
+
+def test_the_redis_url_is_a_secret_masked_in_repr_and_summary(tmp_path: Path) -> None:
+    url = f"rediss://bol:{REDIS_PASSWORD}@redis.example:6380/1"
+    config = load_file(write(tmp_path, with_(shared_state={"redis_url": url})), env={})
+    for shown in (repr(config), str(config), repr(config.shared_state)):
+        assert REDIS_PASSWORD not in shown
+    text = "\n".join(summary(config))
+    assert REDIS_PASSWORD not in text and "bol:" not in text
+    assert "shared state: rediss://********@redis.example:6380/1" in text
+
+
+def test_summary_says_when_there_is_no_shared_state(tmp_path: Path) -> None:
+    text = "\n".join(summary(load_file(write(tmp_path, BASE), env={})))
+    assert "shared state: none" in text
+
+
+def test_zero_config_takes_the_redis_url_from_the_environment() -> None:
+    url = f"redis://:{REDIS_PASSWORD}@redis:6379"
+    config = load_env({"BOL_CLIENT_ID": "zid", "BOL_CLIENT_SECRET": SECRET,
+                       "BOL_PROXY_REDIS_URL": url})
+    assert config.shared_state.redis_url == Secret(url)
+
+
+def test_zero_config_names_the_redis_variable_in_its_errors() -> None:
+    with pytest.raises(ConfigError, match=r"^BOL_PROXY_REDIS_URL: ") as info:
+        load_env({"BOL_CLIENT_ID": "zid", "BOL_CLIENT_SECRET": SECRET,
+                  "BOL_PROXY_REDIS_URL": f"http://:{REDIS_PASSWORD}@redis"})
+    assert REDIS_PASSWORD not in str(info.value)

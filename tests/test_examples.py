@@ -86,3 +86,29 @@ def test_dockerfile_runs_unprivileged_with_an_exec_entry_point_and_a_health_chec
     assert re.search(r'^ENTRYPOINT \["bol-proxy"\]$', text, re.M)
     assert "/_proxy/health" in text and "curl" not in text.split("HEALTHCHECK", 1)[1]
     assert "BOL_PROXY_HOST=0.0.0.0" in text
+
+
+def test_replicas_example_shares_one_redis_that_keeps_rotations(
+    tmp_path: Path, secret_file: Path
+) -> None:
+    (compose,) = documents(CONFIG / "replicas" / "docker-compose.yaml")
+    services = compose["services"]
+    redis = services["redis"]["command"]
+    assert redis[redis.index("--appendonly") + 1] == "yes"
+    assert redis[redis.index("--maxmemory-policy") + 1] == "noeviction"
+    proxies = [services["proxy-a"], services["proxy-b"]]
+    for proxy in proxies:
+        assert "ports" not in proxy
+        assert proxy["environment"]["BOL_PROXY_REDIS_URL"].startswith("redis://")
+        assert proxy["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert proxies[0]["volumes"][-1] != proxies[1]["volumes"][-1]  # a state folder each
+    text = (CONFIG / "replicas" / "proxy.yaml").read_text().replace("/run/secrets/acme",
+                                                                    str(secret_file))
+    text = text.replace("/run/secrets/partner", str(secret_file))
+    path = tmp_path / "proxy.yaml"
+    path.write_text(text)
+    password = "example-redis-password"
+    config = load_file(path, env={"ACME_CLIENT_ID": "a", "PARTNER_CLIENT_ID": "p",
+                                  "BOL_PROXY_REDIS_URL": f"redis://:{password}@redis:6379/0"})
+    assert config.shared_state.enabled
+    assert password not in "\n".join(summary(config))
