@@ -25,7 +25,7 @@ from aiohttp import web
 
 from . import logs
 from .admin import Admin, iso
-from .budgets import LocalBudgets
+from .budgets import BudgetStore, LocalBudgets
 from .config import Config, CredentialSet, changes
 from .errors import ConfigError
 from .forward import Forwarder, Settings
@@ -136,7 +136,7 @@ class ProxyServer:
         self._runner = web.ServerRunner(server, shutdown_timeout=CANCEL_GRACE)
         await self._runner.setup()
         self.listeners = Listeners(self._runner, server)
-        self.limiter = RateLimiter(LocalBudgets(), clock, clock.wall, self.metrics)
+        self.limiter = RateLimiter(self._budgets(config), clock, clock.wall, self.metrics)
         self.forwarder = Forwarder(Settings.from_config(config), self.tokens,
                                    upstream_pool(config), self.metrics, self.listeners.admits,
                                    self.limiter if config.rate_limits.enabled else None)
@@ -182,6 +182,15 @@ class ProxyServer:
             return await client.request(cred, client_credentials_form())
 
         return client_credentials
+
+    def _budgets(self, config: Config) -> BudgetStore:
+        """Rate budgets counted by this replica, or by every replica in Redis."""
+        if self.shared is None:
+            return LocalBudgets()
+        from .shared_budgets import SharedBudgets
+
+        # A request counts against the budget until bol answers, at most its timeout.
+        return SharedBudgets(self.shared, config.credentials.values(), config.upstream.timeout)
 
     def _limits(self) -> dict[str, object]:
         """``/_proxy/limits``: every bucket of every set."""
@@ -239,6 +248,7 @@ class ProxyServer:
             retired.retire()  # in-flight answers finish on their connections
         self.forwarder.settings = Settings.from_config(config)
         self.forwarder.limiter = self.limiter if config.rate_limits.enabled else None
+        self.limiter.store.follow(config.credentials.values())
         self.limiter.forget(name for name, cred in self.config.credentials.items()
                             if not _same_budget(cred, config.credentials.get(name)))
         self.standin.config = config

@@ -32,6 +32,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from .config import CredentialSet
+
 _FIXED_SEGMENT = re.compile(r"[a-z]+(?:-[a-z]+)*\Z")
 EPOCH_SECONDS = 1e9  # a Reset this large is a moment (epoch seconds), not a duration
 EPOCH_MILLISECONDS = 1e12
@@ -277,6 +279,9 @@ class BudgetStore(Protocol):
     def forget(self, set_names: Iterable[str]) -> None:
         """Drop the buckets of sets that were removed or changed."""
 
+    def follow(self, sets: Iterable[CredentialSet]) -> None:
+        """A reload: the sets configured now."""
+
 
 class LocalBudgets:
     """The buckets of this process, in memory; idle ones are dropped."""
@@ -324,6 +329,9 @@ class LocalBudgets:
         gone = set(set_names)
         for key in [k for k in self._buckets if k[0] in gone]:
             del self._buckets[key]
+
+    def follow(self, sets: Iterable[CredentialSet]) -> None:
+        pass  # buckets here are named by set, which is all this store needs
 
     def __len__(self) -> int:
         return len(self._buckets)
