@@ -52,6 +52,12 @@ TOKEN_FILE_BUSY = "refresh_token_file_busy"
 class RefreshTokenMissing(Exception):
     """There is no refresh token yet: the seller has to authorise first."""
 
+    def needs_authorize(self, set_name: str, where: str = "") -> TokenEndpointError:
+        """The failed attempt this makes: bol was not asked, so the detail says what the
+        operator has to do, not "refused"."""
+        return TokenEndpointError(NO_REFRESH_TOKEN, f"no refresh token{where} ({self}); "
+                                  f"run: bol-proxy authorize {set_name}")
+
 
 class RefreshTokenFile:
     """The refresh token of one set, read from and written back to its file."""
@@ -208,10 +214,7 @@ class RefreshGrant:
         try:
             current = self.store.read()
         except RefreshTokenMissing as exc:
-            # bol was not asked: say what the operator has to do, not "refused".
-            raise TokenEndpointError(
-                NO_REFRESH_TOKEN, f"no refresh token ({exc}); run: bol-proxy authorize "
-                f"{self._cred.name}") from None
+            raise exc.needs_authorize(self._cred.name) from None
         try:
             grant = await self._client.request(self._cred, refresh_form(current))
         except TokenEndpointError as exc:

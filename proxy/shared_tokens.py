@@ -60,7 +60,7 @@ from dataclasses import dataclass, replace
 import redis.asyncio as redis
 
 from .config import CredentialSet, Secret, TokenPolicy
-from .oauth import NO_REFRESH_TOKEN, Grant, TokenClient, TokenEndpointError, refresh_form
+from .oauth import Grant, TokenClient, TokenEndpointError, refresh_form
 from .refresh import ExpiryWarning, RefreshTokenFile, RefreshTokenMissing
 from .sealed import Sealer, Unsealable
 from .shared import Lease, SharedStateDown, SharedStore
@@ -287,9 +287,8 @@ class SharedRefresh:
         try:
             token = self.file.read()
         except RefreshTokenMissing as exc:
-            raise TokenEndpointError(
-                NO_REFRESH_TOKEN, f"no refresh token in the shared state nor in the file "
-                f"({exc}); run: bol-proxy authorize {self.cred.name}") from None
+            raise exc.needs_authorize(self.cred.name, " in the shared state nor in the file") \
+                from None
         version = await self.group.swap_refresh(record.version, lease.owner, token)
         if version < 0:
             raise TokenEndpointError(SHARED_CONFLICT, "the refresh record changed while it "
