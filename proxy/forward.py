@@ -125,6 +125,20 @@ def translate(exc: BaseException, body: RequestBody | None = None) -> ProxyError
                                else f"the upstream exchange failed ({type(exc).__name__})")
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One tool request on its way to bol: what every attempt of it (the first, a 401
+    replay, a read asked again after bol's 429) needs."""
+
+    request: web.BaseRequest
+    target: str  # raw path and query as forwarded, under api_url's path
+    body: RequestBody
+    source: TokenSource
+    budget: Budget
+    record: AccessRecord
+    timeout: float  # upstream.timeout: one ceiling for all attempts together
+
+
 class Forwarder:
     """Forwards requests for the current settings; swapped settings apply to new requests."""
 
@@ -209,27 +223,24 @@ class Forwarder:
                                         cast(Connection, conn).port,
                                         standin.set_of(authorization) if authorization else None)
         record.set_name = route.set_name
-        source = self.tokens.source(route.set_name)
         limits = settings.config.limits
         body = await request_body(request, limits.max_body_size, limits.replay_buffer,
                                   settings.timeout)
-        budget = self._budget(request, settings, route)
-        target = settings.path_prefix + route.target
-        upstream, token = await self._attempt(request, target, source, None, body, budget,
-                                              record)
+        call = Call(request, settings.path_prefix + route.target, body,
+                    self.tokens.source(route.set_name), self._budget(request, settings, route),
+                    record, settings.timeout)
+        upstream, token = await self._attempt(call, None)
         try:
             if upstream.status == 401:
                 record.upstream_status = 401
-                upstream = await self._after_401(request, target, source, token, body,
-                                                 upstream, budget, record)
+                upstream = await self._after_401(call, token, upstream)
             if (upstream.status == 429 and request.method in _RETRIED_AFTER_429
-                    and budget.could_wait()):
+                    and body.replayable and call.budget.could_wait()):
                 # bol's budget ran out under us (a reset that refilled less than it
                 # said, another client on the same credentials): a read can wait for it.
                 record.upstream_status = 429
                 upstream.close()
-                upstream, _ = await self._attempt(request, target, source, None, body,
-                                                  budget, record)
+                upstream, _ = await self._attempt(call, None)
             record.upstream_status = upstream.status
             return await self._relay(request, upstream, record)
         except BaseException:
@@ -247,34 +258,37 @@ class Forwarder:
         return limiter.budget(route.set_name, request.method, route.target.partition("?")[0],
                               max_wait)
 
-    async def _attempt(self, request: web.BaseRequest, target: str, source: TokenSource,
-                       token: Token | None, body: RequestBody, budget: Budget,
-                       record: AccessRecord) -> tuple[Response, Token]:
+    async def _attempt(self, call: Call, token: Token | None) -> tuple[Response, Token]:
         """One request to bol within the set's budget: wait for budget, attach the token
         (the set's current one unless given), send, and tell the budget what came back."""
+        record = call.record
         started = time.perf_counter()
-        permit = await budget.acquire()
+        permit = await call.budget.acquire()
         waited = time.perf_counter() - started
         if waited > 0.001:  # it queued, rather than just asked
             record.waited += waited
         try:
             if token is None:
-                token = await source.get()
+                token = await call.source.get()
             if not record.deadline:
                 # One ceiling for the whole exchange with bol, replays included.
-                record.deadline = asyncio.get_running_loop().time() + self.settings.timeout
-            upstream = await self._send(request, target, token, body, record)
+                record.deadline = asyncio.get_running_loop().time() + call.timeout
+            upstream = await self._send(call, token)
         except BaseException:
             await permit.cancel()
             raise
-        await permit.answered(upstream.status, upstream.raw_headers)
+        try:
+            await permit.answered(upstream.status, upstream.raw_headers)
+        except BaseException:
+            upstream.close()
+            raise
         return upstream, token
 
-    async def _send(self, request: web.BaseRequest, target: str, token: Token, body: RequestBody,
-                    record: AccessRecord) -> Response:
+    async def _send(self, call: Call, token: Token) -> Response:
+        request, body, record = call.request, call.body, call.record
         headers = upstream_request_headers(request.headers, token.value.reveal())
         pool = self.pool
-        head = request_head(request.method, target, pool.host_header, headers,
+        head = request_head(request.method, call.target, pool.host_header, headers,
                             body.framing(request.method))
         started = time.perf_counter()
         try:
@@ -287,13 +301,12 @@ class Forwarder:
         finally:
             record.upstream_seconds += time.perf_counter() - started
 
-    async def _after_401(self, request: web.BaseRequest, target: str, source: TokenSource,
-                         token: Token, body: RequestBody, upstream: Response, budget: Budget,
-                         record: AccessRecord) -> Response:
+    async def _after_401(self, call: Call, token: Token, upstream: Response) -> Response:
         """Invalidate the token if it is still current, renew once, and replay once if
         the body was kept; the replay costs budget like any request."""
+        source = call.source
         source.invalidate(token)
-        if not body.replayable:
+        if not call.body.replayable:
             return upstream  # the body is gone: the 401 goes back as it came
         try:
             fresh = await source.get()  # joins or starts the one renewal
@@ -303,9 +316,9 @@ class Forwarder:
         if fresh is token:
             return upstream  # bol refused a token that is still current: do not loop
         upstream.close()  # drop the 401; the replay takes a connection of its own
-        record.replayed = True
+        call.record.replayed = True
         self.metrics.replays.labels(source.cred.name).inc()
-        replay, _ = await self._attempt(request, target, source, fresh, body, budget, record)
+        replay, _ = await self._attempt(call, fresh)
         return replay
 
     async def _relay(self, request: web.BaseRequest, upstream: Response,
