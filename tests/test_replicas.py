@@ -49,7 +49,8 @@ from proxy.tokens import SHARED_CONFLICT
 from tests.conftest import ROOMY_LIMITS, FakeClock, free_port, settle, wait_until
 from tests.redis_server import RedisServer
 
-pytestmark = [pytest.mark.redis, pytest.mark.timeout(40)]
+pytestmark = [pytest.mark.redis,
+              pytest.mark.timeout(40 + 2 * float(os.environ.get("BOL_PROXY_REPLICA_SECONDS", 6)))]
 
 TTL = 4  # expires_in of every access token of the imitation, seconds
 MARGIN = 1.5  # tokens.refresh_margin: renewal comes 1.1 to 1.5 s before expiry
@@ -294,7 +295,9 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 # ------------------------------------------------------------------- sharing at all
 
 
-RUN = 6.0  # seconds of traffic per run below
+# Seconds of traffic in the sharing test below; more gives finer token counts per hour
+# (BOL_PROXY_REPLICA_SECONDS=120 pytest tests/test_replicas.py -k sharing -s).
+RUN = float(os.environ.get("BOL_PROXY_REPLICA_SECONDS", "6"))
 
 
 @pytest.mark.parametrize("in_process", [1, 2], ids=["1-replica", "3-replicas"])
