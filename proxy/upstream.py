@@ -324,7 +324,8 @@ class Response:
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
-        if not self._done:
+        # The first error says what happened: the close that follows a refusal does not.
+        if not self._done and self._error is None:
             self._error = exc
             self._wake()
 
@@ -405,8 +406,8 @@ class _Connection(asyncio.Protocol):
             # One of the callbacks below stopped the parser; httptools keeps its reason.
             self._stop(exc.__context__)
             return
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self._stop(None)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._stop(exc)  # llhttp's reason goes along as the cause
             return
         if self._run > MAX_HEAD_BYTES:
             self._stop(HeadTooLarge(f"the upstream sent over {MAX_HEAD_BYTES} bytes of head, "
@@ -462,6 +463,9 @@ class _Connection(asyncio.Protocol):
             # Interim (103 Early Hints): the real answer follows.
             self._interim_bytes += _head_size(self._status, raw)
             return
+        # As it came, control bytes included (llhttp lets them through): it carries no
+        # meaning (RFC 9112 §4), and the forwarder replaces a phrase it cannot pass on.
+        reason = self._status[0] if len(self._status) == 1 else b"".join(self._status)
         length = coding = connection = None
         for name, value in raw:
             lowered = name.lower()
@@ -481,11 +485,15 @@ class _Connection(asyncio.Protocol):
             self._keep_alive = True
         else:
             self._keep_alive = keeps_alive(parser.get_http_version(), framing, connection)
-        reason = (self._status[0] if len(self._status) == 1
-                  else b"".join(self._status)).decode("latin-1")
+        if self._head_only and coding is not None:
+            # After a HEAD answer announcing chunked, llhttp would take a stray last chunk
+            # ("0" CR LF CR LF) for the end of that body without a callback: bytes after
+            # the answer that nothing would see. Not worth the risk for a rare request.
+            self._keep_alive = False
         # A fresh list takes any trailer fields: they must not join the head.
         self._raw = []
-        response = self._response = Response(self, status, reason, raw, framing, size)
+        response = self._response = Response(self, status, reason.decode("latin-1"), raw,
+                                             framing, size)
         if framing is Framing.NO_BODY:
             self.state = _DONE
             response._finish()

@@ -11,7 +11,8 @@
   at the test's chosen boundaries, held back while reading is paused, then a clean
   close or a reset.
 * :class:`ScriptedNetwork` is the pool's ``open_connection``: it hands out scripted
-  transports, or refuses, or never connects.
+  transports, or refuses, or never connects; :class:`Client` is a pool on one, and the
+  requests a test sends over it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import functools
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from proxy.upstream import Payload, Response, UpstreamPool, request_head
+
 T = TypeVar("T")
+TOKEN = "Bearer secret-token-that-must-not-leak"  # in every request head a Client sends
 
 
 class Deadlock(RuntimeError):
@@ -226,3 +230,41 @@ class ScriptedNetwork:
     @property
     def last(self) -> ScriptedTransport:
         return self.transports[-1]
+
+
+class Client:
+    """A pool on a scripted network, and the requests a test sends over it."""
+
+    def __init__(self, *, limit: int = 256, connect_timeout: float = 10.0) -> None:
+        self.net = ScriptedNetwork()
+        self.pool = UpstreamPool("http://bol.test", None, connect_timeout, limit,
+                                 open_connection=self.net)
+
+    async def send(self, method: str = "GET", body: Payload = None, *, within: float = 300.0,
+                   length: int | None = None, idempotent: bool | None = None,
+                   ) -> tuple[asyncio.Task[Response], ScriptedTransport | None]:
+        """Start a request; return it and the transport it was written to (if any)."""
+        loop = asyncio.get_running_loop()
+        before = {id(t): len(t.written) for t in self.net.transports}
+        chunked = body is not None and not isinstance(body, bytes) and length is None
+        if isinstance(body, bytes):
+            length = len(body)
+        framing = ("Transfer-Encoding: chunked\r\n" if chunked
+                   else f"Content-Length: {length}\r\n" if length is not None else "")
+        head = request_head(method, "/retailer/orders", self.pool.host_header,
+                            [("Authorization", TOKEN)], framing)
+        task = loop.create_task(self.pool.request(
+            head, body, head_only=method == "HEAD", chunked=chunked,
+            idempotent=method in ("GET", "HEAD") if idempotent is None else idempotent,
+            deadline=loop.time() + within))
+        await settle()
+        used = [t for t in self.net.transports if len(t.written) > before.get(id(t), 0)]
+        return task, (used[-1] if used else None)
+
+    async def answer(self, *pieces: bytes, method: str = "GET") -> tuple[Response,
+                                                                          ScriptedTransport]:
+        """A request answered with ``pieces`` (each one read of the client's)."""
+        task, transport = await self.send(method)
+        assert transport is not None
+        transport.send(*pieces)
+        return await task, transport

@@ -27,18 +27,16 @@ from proxy.upstream import (
     HeadTooLarge,
     MalformedAnswer,
     Payload,
-    Response,
     State,
     UnsupportedTransferCoding,
-    UpstreamPool,
     answer_framing,
     keeps_alive,
-    request_head,
 )
 from tests.conftest import StartProxy, base_config, serve
 from tests.scripted import (
+    TOKEN,
+    Client,
     Deadlock,
-    ScriptedNetwork,
     ScriptedTransport,
     advance,
     run,
@@ -47,45 +45,6 @@ from tests.scripted import (
 )
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-TOKEN = "Bearer secret-token-that-must-not-leak"
-
-
-class Client:
-    """A pool on a scripted network, and the requests a test sends over it."""
-
-    def __init__(self, *, limit: int = 256, connect_timeout: float = 10.0) -> None:
-        self.net = ScriptedNetwork()
-        self.pool = UpstreamPool("http://bol.test", None, connect_timeout, limit,
-                                 open_connection=self.net)
-
-    async def send(self, method: str = "GET", body: Payload = None, *, within: float = 300.0,
-                   length: int | None = None, idempotent: bool | None = None,
-                   ) -> tuple[asyncio.Task[Response], ScriptedTransport | None]:
-        """Start a request; return it and the transport it was written to (if any)."""
-        loop = asyncio.get_running_loop()
-        before = {id(t): len(t.written) for t in self.net.transports}
-        chunked = body is not None and not isinstance(body, bytes) and length is None
-        if isinstance(body, bytes):
-            length = len(body)
-        framing = ("Transfer-Encoding: chunked\r\n" if chunked
-                   else f"Content-Length: {length}\r\n" if length is not None else "")
-        head = request_head(method, "/retailer/orders", self.pool.host_header,
-                            [("Authorization", TOKEN)], framing)
-        task = loop.create_task(self.pool.request(
-            head, body, head_only=method == "HEAD", chunked=chunked,
-            idempotent=method in ("GET", "HEAD") if idempotent is None else idempotent,
-            deadline=loop.time() + within))
-        await settle()
-        used = [t for t in self.net.transports if len(t.written) > before.get(id(t), 0)]
-        return task, (used[-1] if used else None)
-
-    async def answer(self, *pieces: bytes, method: str = "GET") -> tuple[Response,
-                                                                          ScriptedTransport]:
-        """A request answered with ``pieces`` (each one read of the client's)."""
-        task, transport = await self.send(method)
-        assert transport is not None
-        transport.send(*pieces)
-        return await task, transport
 
 
 async def refused_after(transport: ScriptedTransport, piece: bytes, most: int) -> int:
@@ -513,6 +472,29 @@ async def test_malformed_answers_are_refused_and_their_connection_closed(
     assert client.pool.open_connections == 0
 
 
+@pytest.mark.parametrize("reason", [b"Tout\tva bien, \xe9t\xe9", b"O\x00K \x01\x7f", b""],
+                         ids=["tab-and-beyond-ascii", "control-bytes", "none"])
+@virtual_time
+async def test_the_reason_phrase_is_passed_on_as_it_came(reason: bytes) -> None:
+    # It carries no meaning (RFC 9112 §4): the forwarder decides what the tool sees.
+    client = Client()
+    response, _ = await client.answer(b"HTTP/1.1 200 " + reason + b"\r\n"
+                                      b"Content-Length: 2\r\n\r\nok")
+    assert response.reason == reason.decode("latin-1")
+    assert await response.read() == b"ok"
+
+
+@virtual_time
+async def test_a_refusal_mid_body_is_reported_as_such_not_as_the_close_after_it() -> None:
+    client = Client()
+    response, transport = await client.answer(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4 \r\nabcd\r\n")
+    await transport.lost.wait()  # the client closed the connection on refusing
+    with pytest.raises(MalformedAnswer) as refused:
+        await response.read()
+    assert "Invalid character in chunk size" in str(refused.value.__cause__)
+
+
 # ------------------------------------------------------------------ idle connections
 
 
@@ -642,9 +624,8 @@ async def test_interim_answers_are_skipped() -> None:
     assert client.pool.idle_connections == 1
 
 
-@pytest.mark.parametrize("fields", [b"Content-Length: 1000\r\n",
-                                    b"Transfer-Encoding: chunked\r\n", b""],
-                         ids=["length", "chunked", "none"])
+@pytest.mark.parametrize("fields", [b"Content-Length: 1000\r\n", b"Content-Length: 0\r\n",
+                                    b""], ids=["length", "zero", "none"])
 @virtual_time
 async def test_head_answers_end_with_their_head_and_the_connection_is_reused(
         fields: bytes) -> None:
@@ -658,6 +639,18 @@ async def test_head_answers_end_with_their_head_and_the_connection_is_reused(
     again, reused = await client.answer(OK)
     assert reused is transport
     assert await again.read() == b"ok"
+
+
+@pytest.mark.parametrize("after", [b"", b"0\r\n\r\n"], ids=["alone", "stray-last-chunk"])
+@virtual_time
+async def test_a_head_answer_announcing_chunked_retires_the_connection(after: bytes) -> None:
+    # A stray last chunk after it would pass for the end of the announced body, unseen.
+    client = Client()
+    response, transport = await client.answer(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + after, method="HEAD")
+    assert await response.read() == b""
+    response.release()
+    assert transport.is_closing() and client.pool.open_connections == 0
 
 
 @virtual_time
@@ -1027,7 +1020,7 @@ async def test_repr_shows_state_and_reuse_but_never_a_header_value() -> None:
     assert "reused 1 times" in repr(conn) and "receiving body" not in repr(conn)
     assert conn.state is State.DONE
     assert repr(response) == "<Response 200 content-length, complete>"
-    for secret in ("top-secret", "Secret-Reason", "secret-token", "session"):
+    for secret in ("top-secret", "Secret-Reason", TOKEN.split()[1], "session"):
         assert secret not in text
 
 
