@@ -546,7 +546,8 @@ class _Connection(asyncio.Protocol):
             return await head_future
         # A streamed body goes out while the answer may already be coming: bol can
         # refuse early (401, 413) without reading it all.
-        sender = self._sender = self._loop.create_task(self._send_stream(body, chunked))
+        sender = self._sender = self._loop.create_task(self._send_stream(body, chunked,
+                                                                          deadline))
         try:
             response = await head_future
         except BaseException:
@@ -556,11 +557,16 @@ class _Connection(asyncio.Protocol):
             sender.cancel()  # the rest is not wanted; the connection is spent (see finished)
         return response
 
-    async def _send_stream(self, body: AsyncIterator[bytes], chunked: bool) -> None:
-        transport, flow = self.transport, self.flow
+    async def _send_stream(self, body: AsyncIterator[bytes], chunked: bool,
+                           deadline: float) -> None:
+        transport, flow, loop = self.transport, self.flow, self._loop
         try:
             async for chunk in body:
                 if chunk:
+                    if loop.time() >= deadline:
+                        # A piece that comes as the deadline passes, before its timer
+                        # has run: it must not leave either.
+                        raise TimeoutError
                     transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked
                                     else chunk)
                     if flow.write_paused:
