@@ -174,7 +174,8 @@ def answer_framing(head_only: bool, status: int, content_length: bytes | None,
 def keeps_alive(version: str, framing: Framing, connection: bytes | None) -> bool:
     """Whether an answer leaves its connection open for another exchange.
 
-    ``connection``: the ``Connection`` field values joined with commas. HTTP/1.1 persists
+    ``connection``: the ``Connection`` field values joined with commas (and those of
+    ``Proxy-Connection``, which llhttp reads alike, so this client does). HTTP/1.1 persists
     unless the ``close`` option is listed (RFC 9112 §9.3, option names case-insensitive);
     HTTP/1.0 is never reused, even with ``keep-alive`` (as h11 does); a body delimited by
     the close ends the connection. Other versions are refused."""
