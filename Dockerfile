@@ -1,4 +1,4 @@
-# bol-proxy as a sidecar image (SPEC §9).
+# bol-proxy as a sidecar image: multi-stage, unprivileged, health-checked.
 #   docker build -t bol-proxy .
 #   docker run -p 8080:8080 -e BOL_CLIENT_ID=... -e BOL_CLIENT_SECRET=... bol-proxy
 

@@ -1,4 +1,4 @@
-"""``bol-proxy authorize SET``: connect a seller's shop to a refresh-token set (SPEC §6.3).
+"""``bol-proxy authorize SET``: connect a seller's shop to a refresh-token set.
 
 Without ``--code`` it prints bol's authorize URL; the seller opens it, approves, and bol
 redirects to the set's ``redirect_uri`` with ``?code=…&state=…``. With ``--code`` the

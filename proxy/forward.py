@@ -362,7 +362,7 @@ class Forwarder:
                 try:
                     chunk = await upstream.readany()  # bounded by the deadline
                 except (UpstreamError, TimeoutError) as exc:
-                    # SPEC §5: never present a truncated body as complete. An aborted
+                    # Never present a truncated body as complete. An aborted
                     # connection leaves the client a short Content-Length body or a
                     # chunked body without its last chunk, which every client reports.
                     log.warning("upstream failed mid-response (%s): resetting the client "

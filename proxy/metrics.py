@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC §8), exposed by prometheus-client from a registry per app.
+"""Prometheus metrics, exposed by prometheus-client from a registry per app.
 
 Labels are bounded: credential set names come from the configuration, methods from a
 fixed list, statuses as classes (2xx, 4xx, ...). Paths never become labels, since

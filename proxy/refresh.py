@@ -1,4 +1,4 @@
-"""Durable storage of an authorised party's refresh token (SPEC §6.3).
+"""Durable storage of an authorised party's refresh token.
 
 bol may rotate the refresh token on every refresh, after which only the newest one works.
 A rotated token that is not on disk before it is relied on loses the seller's

@@ -130,7 +130,7 @@ class Router:
         if method in REFUSED_METHODS:
             raise MethodNotAllowed(f"{method} is not forwarded")
         path, query = check_target(target)
-        chosen: list[tuple[str, str]] = []  # (how, set name), in SPEC §4 order
+        chosen: list[tuple[str, str]] = []  # (how, set name), in order of precedence
         if local_port is not None and local_port in self._ports:
             chosen.append(("port", self._ports[local_port]))
         first, slash, rest = path[1:].partition("/")

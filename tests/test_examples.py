@@ -1,4 +1,4 @@
-"""The shipped examples (SPEC §9): they parse, and the configuration they use is valid."""
+"""The shipped examples (config/, Dockerfile): they parse, and their configuration is valid."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Header rules in both directions of the hop (SPEC §5, RFC 9110 §7.6.1)."""
+"""Header rules in both directions of the hop (RFC 9110 §7.6.1)."""
 
 from __future__ import annotations
 

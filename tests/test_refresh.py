@@ -1,4 +1,4 @@
-"""The refresh-token file and the refresh grant (SPEC §6.3), with a fake token endpoint."""
+"""The refresh-token file and the refresh grant, with a fake token endpoint."""
 
 from __future__ import annotations
 

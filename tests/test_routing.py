@@ -1,4 +1,4 @@
-"""Which targets are forwarded, where, and with which credential set (SPEC §4, §5, §7)."""
+"""Which targets are forwarded, where, and with which credential set."""
 
 from __future__ import annotations
 

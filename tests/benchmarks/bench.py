@@ -25,8 +25,8 @@ tokens      sustained load with 10 s tokens and a 3 s refresh margin; token requ
 and the proxy's CPU time and memory in each phase. Progress goes to stderr, the report
 to stdout; ``--json`` also writes the numbers; ``--profile`` samples the proxy with py-spy
 during one more proxied wrk round and prints where its time goes. A default run takes
-about 4 minutes, ``--quick`` under 2. Nothing is asserted: the summary compares with issue
-6's targets.
+about 4 minutes, ``--quick`` under 2. Nothing is asserted: the summary compares with the
+targets in ``_summary``.
 """
 
 from __future__ import annotations
@@ -528,7 +528,7 @@ class EconomySet:
     prefetch: bool
     window: float  # seconds the set was in use (from ready, or from first use)
     tokens: int
-    bound: float  # window / (expires_in - refresh_margin) + 1 (issue 6)
+    bound: float  # window / (expires_in - refresh_margin) + 1: the promised bound
     bound_jitter: float  # the same with the documented jitter: margin x 1.25
 
     @property
@@ -682,7 +682,7 @@ def render(r: Results) -> str:
     if r.usage:
         out += ["", "6. Proxy CPU and memory by phase (CPU: time used per wall second; 100 % "
                     "= one core)", *_resources(r)]
-    out += ["", "Summary against issue 6's targets", table(
+    out += ["", "Summary against the targets", table(
         ["target", "measured", "goal", "verdict"], _summary(r))]
     return "\n".join(out)
 
@@ -816,8 +816,8 @@ def _economy(ec: Economy) -> list[str]:
         f"API requests refused upstream for an expired/unknown token: {ec.api_rejected}",
         table(["set", "prefetch", "window s", "tokens", "bound", "bound w/ jitter",
                "within bound"], rows),
-        "  bound = window / (expires_in - refresh_margin) + 1 (issue 6); with jitter: the "
-        "README's renewal lead of up to 1.25 x margin",
+        "  bound = window / (expires_in - refresh_margin) + 1 (the promised bound); with "
+        "jitter: a renewal lead of up to 1.25 x margin",
     ]
 
 
