@@ -25,7 +25,7 @@ from aiohttp import web
 
 from . import logs
 from .admin import Admin, iso
-from .budgets import BudgetStore, LocalBudgets
+from .budgets import LocalBudgets, SharedCount
 from .config import Config, CredentialSet, changes
 from .errors import ConfigError
 from .forward import Forwarder, Settings
@@ -136,7 +136,9 @@ class ProxyServer:
         self._runner = web.ServerRunner(server, shutdown_timeout=CANCEL_GRACE)
         await self._runner.setup()
         self.listeners = Listeners(self._runner, server)
-        self.limiter = RateLimiter(self._budgets(config), clock, clock.wall, self.metrics)
+        local = LocalBudgets()
+        self.limiter = RateLimiter(local, clock, clock.wall, self.metrics,
+                                   self._shared_count(config, local))
         self.forwarder = Forwarder(Settings.from_config(config), self.tokens,
                                    upstream_pool(config), self.metrics, self.listeners.admits,
                                    self.limiter if config.rate_limits.enabled else None)
@@ -183,14 +185,15 @@ class ProxyServer:
 
         return client_credentials
 
-    def _budgets(self, config: Config) -> BudgetStore:
-        """Rate budgets counted by this replica, or by every replica in Redis."""
+    def _shared_count(self, config: Config, local: LocalBudgets) -> SharedCount | None:
+        """Rate budgets counted by every replica in Redis, when replicas share state."""
         if self.shared is None:
-            return LocalBudgets()
+            return None
         from .shared_budgets import SharedBudgets
 
         # A request counts against the budget until bol answers, at most its timeout.
-        return SharedBudgets(self.shared, config.credentials.values(), config.upstream.timeout)
+        return SharedBudgets(self.shared, config.credentials.values(), config.upstream.timeout,
+                             local)
 
     def _limits(self) -> dict[str, object]:
         """``/_proxy/limits``: every bucket of every set."""
@@ -248,9 +251,9 @@ class ProxyServer:
             retired.retire()  # in-flight answers finish on their connections
         self.forwarder.settings = Settings.from_config(config)
         self.forwarder.limiter = self.limiter if config.rate_limits.enabled else None
-        self.limiter.store.follow(config.credentials.values())
-        self.limiter.forget(name for name, cred in self.config.credentials.items()
-                            if not _same_budget(cred, config.credentials.get(name)))
+        self.limiter.follow(config.credentials.values(),
+                            [name for name, cred in self.config.credentials.items()
+                             if not _same_budget(cred, config.credentials.get(name))])
         self.standin.config = config
         # Connections to a port that is gone, or now means another set, or no set, close.
         self.listeners.publish(config)

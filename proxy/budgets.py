@@ -19,8 +19,8 @@ case) and answers 429 with ``Retry-After`` when a limit is hit. This module keep
 * A 429 blocks the bucket until ``Retry-After``, else the reset, else a short backoff
   that doubles while 429s repeat.
 
-:class:`LocalBudgets` keeps the buckets of one process; a store shared by replicas
-implements the same :class:`BudgetStore` protocol.
+:class:`LocalBudgets` keeps the buckets of one process; replicas that share their
+counts (:class:`SharedCount`, in Redis) mirror them there.
 """
 
 from __future__ import annotations
@@ -30,11 +30,14 @@ import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from functools import lru_cache, partial
+from typing import NamedTuple, Protocol
 
 from .config import CredentialSet
 
-_FIXED_SEGMENT = re.compile(r"[a-z]+(?:-[a-z]+)*\Z")
+_FIXED_PATH = re.compile(r"(?:/[a-z]+(?:-[a-z]+)*)*/?\Z")
+# A segment that is not one of bol's fixed words (lowercase, joined by dashes).
+_IDENTIFIER = re.compile(r"(?<=/)(?![a-z]+(?:-[a-z]+)*(?:/|\Z))[^/]+")
 EPOCH_SECONDS = 1e9  # a Reset this large is a moment (epoch seconds), not a duration
 EPOCH_MILLISECONDS = 1e12
 FIRST_BACKOFF = 1.0  # seconds a 429 without Retry-After or reset blocks its bucket
@@ -45,14 +48,12 @@ MAX_BUCKETS = 10_000  # per store; beyond it, idle buckets are dropped at once
 
 def bucket_of(method: str, path: str) -> str:
     """``GET /retailer/orders/*``: the method and the path, identifiers collapsed."""
-    segments = path.split("/")
-    return method + " " + "/".join(
-        segment if not segment or _FIXED_SEGMENT.match(segment) else "*"
-        for segment in segments)
+    if _FIXED_PATH.match(path):
+        return method + " " + path  # nothing to collapse (lists, exports, ...)
+    return method + " " + _IDENTIFIER.sub("*", path)
 
 
-@dataclass(frozen=True, slots=True)
-class Told:
+class Told(NamedTuple):
     """What one answer of bol said about its endpoint's budget."""
 
     limit: int | None = None
@@ -61,10 +62,6 @@ class Told:
     retry_after: float | None = None  # from a 429
     refused: bool = False  # the answer was a 429
 
-    @property
-    def says_anything(self) -> bool:
-        return self.limit is not None or self.remaining is not None or self.refused
-
 
 def read_told(status: int, headers: Iterable[tuple[bytes, bytes]], wall_now: float) -> Told:
     """Read bol's budget headers (any letter case) from a raw answer head (pure).
@@ -72,21 +69,33 @@ def read_told(status: int, headers: Iterable[tuple[bytes, bytes]], wall_now: flo
     ``X-RateLimit-Reset`` is seconds until the reset; a value too large for that is a
     moment: epoch seconds, or epoch milliseconds (bol documents seconds; some client
     libraries read it as epoch milliseconds, so either form is accepted)."""
-    limit = remaining = None
-    reset_in = retry_after = None
-    for raw_name, raw_value in headers:
-        if len(raw_name) < 11:
-            continue
-        name = raw_name.lower()
-        if name == b"x-ratelimit-limit":
-            limit = _count(raw_value)
-        elif name == b"x-ratelimit-remaining":
-            remaining = _count(raw_value)
-        elif name == b"x-ratelimit-reset":
-            reset_in = _seconds_until(raw_value, wall_now)
-        elif name == b"retry-after" and status == 429:
-            retry_after = _retry_after(raw_value, wall_now)
-    return Told(limit, remaining, reset_in, retry_after, refused=status == 429)
+    limit = remaining = reset = retry = None
+    for raw_name, raw_value in headers:  # every answer: told apart by length first
+        size = len(raw_name)
+        if size == 17:
+            name = raw_name.lower()
+            if name == b"x-ratelimit-limit":
+                limit = raw_value
+            elif name == b"x-ratelimit-reset":
+                reset = raw_value
+        elif size == 21:
+            if raw_name.lower() == b"x-ratelimit-remaining":
+                remaining = raw_value
+        elif size == 11 and raw_name.lower() == b"retry-after":
+            retry = raw_value
+    if limit is None and remaining is None and reset is None and status != 429:
+        return _NOTHING_TOLD  # an endpoint bol does not meter, or a test double
+    return _told((
+        None if limit is None else _count(limit),
+        None if remaining is None else _count(remaining),
+        None if reset is None else _seconds_until(reset, wall_now),
+        _retry_after(retry, wall_now) if retry is not None and status == 429 else None,
+        status == 429,
+    ))
+
+
+_NOTHING_TOLD = Told()
+_told = partial(tuple.__new__, Told)  # Told(...) without its __new__ (every answer)
 
 
 def _number(raw: bytes) -> float | None:
@@ -97,20 +106,36 @@ def _number(raw: bytes) -> float | None:
     return value if math.isfinite(value) and value >= 0 else None
 
 
+@lru_cache(maxsize=1024)
 def _count(raw: bytes) -> int | None:
-    value = _number(raw)
-    return int(value) if value is not None else None
+    """A count of bol's (remembered: an endpoint's counts are a few dozen values)."""
+    try:
+        count = int(raw)  # bol's counts are whole numbers; int() skips the whitespace
+    except ValueError:
+        value = _number(raw)
+        return int(value) if value is not None else None
+    return count if count >= 0 else None
 
 
 def _seconds_until(raw: bytes, wall_now: float) -> float | None:
+    seconds, moment = _reset(raw)
+    if moment and seconds is not None:
+        return min(max(seconds - wall_now, 0.0), 86400.0)
+    return seconds
+
+
+@lru_cache(maxsize=1024)
+def _reset(raw: bytes) -> tuple[float | None, bool]:
+    """``X-RateLimit-Reset`` as (seconds until it, False) or (the moment, True): a value
+    too large for seconds until is an epoch time in seconds or milliseconds."""
     value = _number(raw)
     if value is None:
-        return None
+        return None, False
     if value >= EPOCH_MILLISECONDS:
-        value = value / 1000 - wall_now
-    elif value >= EPOCH_SECONDS:
-        value = value - wall_now
-    return min(max(value, 0.0), 86400.0)
+        return value / 1000, True
+    if value >= EPOCH_SECONDS:
+        return value, True
+    return min(value, 86400.0), False
 
 
 def _retry_after(raw: bytes, wall_now: float) -> float | None:
@@ -255,11 +280,13 @@ class Snapshot:
 Key = tuple[str, str]  # (set name, bucket)
 
 
-class BudgetStore(Protocol):
-    """Where buckets live: this process (:class:`LocalBudgets`), or shared by replicas."""
+class SharedCount(Protocol):
+    """Buckets counted by every replica together (in Redis). This process's
+    :class:`LocalBudgets` mirror what it says, and count alone while it cannot be
+    reached."""
 
     async def take(self, key: Key, now: float) -> float | None:
-        """Let a request go (None), or when to ask again (inf: when an answer comes)."""
+        """Let a request go (None), or when to ask again."""
 
     async def learn(self, key: Key, told: Told, now: float) -> None:
         """An answer came for a request that went."""
@@ -267,20 +294,11 @@ class BudgetStore(Protocol):
     async def release(self, key: Key, now: float) -> None:
         """A request that was let go never reached bol."""
 
-    def estimate(self, key: Key, ahead: int, now: float) -> float:
-        """Seconds a request with ``ahead`` requests before it would wait (a guess)."""
-
-    def snapshot(self, now: float) -> Iterator[Snapshot]:
-        """Every bucket, for operators."""
-
-    def peek(self, key: Key, now: float) -> Snapshot | None:
-        """One bucket, if it is known."""
-
-    def forget(self, set_names: Iterable[str]) -> None:
-        """Drop the buckets of sets that were removed or changed."""
-
     def follow(self, sets: Iterable[CredentialSet]) -> None:
         """A reload: the sets configured now."""
+
+    def forget(self, set_names: Iterable[str]) -> None:
+        """Sets removed or changed by a reload: this replica's part in them ends."""
 
 
 class LocalBudgets:
@@ -299,18 +317,22 @@ class LocalBudgets:
             bucket = self._buckets[key] = Bucket(last_used=now)
         return bucket
 
-    async def take(self, key: Key, now: float) -> float | None:
+    def take(self, key: Key, now: float) -> float | None:
+        """Let a request go (None), or say when to ask again (inf: when an answer comes)."""
         return self.bucket(key, now).take(now)
 
-    async def learn(self, key: Key, told: Told, now: float) -> None:
+    def learn(self, key: Key, told: Told, now: float) -> None:
+        """An answer came for a request that went."""
         self.bucket(key, now).learn(told, now)
 
-    async def release(self, key: Key, now: float) -> None:
+    def release(self, key: Key, now: float) -> None:
+        """A request that was let go never reached bol."""
         bucket = self._buckets.get(key)
         if bucket is not None:
             bucket.release(now)
 
     def estimate(self, key: Key, ahead: int, now: float) -> float:
+        """Seconds a request with ``ahead`` requests before it would wait (a guess)."""
         bucket = self._buckets.get(key)
         return 0.0 if bucket is None else bucket.estimate(ahead, now)
 
@@ -318,20 +340,20 @@ class LocalBudgets:
         return self._buckets.get(key)
 
     def snapshot(self, now: float) -> Iterator[Snapshot]:
+        """Every bucket, for operators."""
         for key, bucket in list(self._buckets.items()):
             yield bucket.snapshot(key, now)
 
     def peek(self, key: Key, now: float) -> Snapshot | None:
+        """One bucket, if it is known."""
         bucket = self._buckets.get(key)
         return None if bucket is None else bucket.snapshot(key, now)
 
     def forget(self, set_names: Iterable[str]) -> None:
+        """Drop the buckets of sets that were removed or changed."""
         gone = set(set_names)
         for key in [k for k in self._buckets if k[0] in gone]:
             del self._buckets[key]
-
-    def follow(self, sets: Iterable[CredentialSet]) -> None:
-        pass  # buckets here are named by set, which is all this store needs
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -40,6 +40,7 @@ from multidict import istr
 from . import standin
 from .access import CLIENT_GONE, UPSTREAM_BROKE_OFF, AccessRecord
 from .bodies import RequestBody, request_body
+from .budgets import Key
 from .config import Config
 from .errors import (
     BadRequest,
@@ -58,8 +59,8 @@ from .headers import (
     upstream_request_headers,
 )
 from .metrics import Metrics
-from .ratelimit import Budget, RateLimiter, max_wait_of
-from .routing import Route, Router
+from .ratelimit import RateLimiter, max_wait_of
+from .routing import Router
 from .server import Connection
 from .tokens import Token, Tokens, TokenSource
 from .upstream import Response, UpstreamError, UpstreamPool, request_head
@@ -125,18 +126,23 @@ def translate(exc: BaseException, body: RequestBody | None = None) -> ProxyError
                                else f"the upstream exchange failed ({type(exc).__name__})")
 
 
-@dataclass(frozen=True, slots=True)
 class Call:
     """One tool request on its way to bol: what every attempt of it (the first, a 401
     replay, a read asked again after bol's 429) needs."""
 
-    request: web.BaseRequest
-    target: str  # raw path and query as forwarded, under api_url's path
-    body: RequestBody
-    source: TokenSource
-    budget: Budget
-    record: AccessRecord
-    timeout: float  # upstream.timeout: one ceiling for all attempts together
+    __slots__ = ("body", "bucket", "record", "request", "source", "target", "timeout",
+                 "wait_until")
+
+    def __init__(self, request: web.BaseRequest, target: str, body: RequestBody,
+                 source: TokenSource, record: AccessRecord, timeout: float) -> None:
+        self.request = request
+        self.target = target  # raw path and query as forwarded, under api_url's path
+        self.body = body
+        self.source = source
+        self.record = record
+        self.timeout = timeout  # upstream.timeout: one ceiling for all attempts together
+        self.bucket: Key | None = None  # its rate budget, when rate limits are on
+        self.wait_until = 0.0  # the limiter's clock: no waiting for budget after this
 
 
 class Forwarder:
@@ -153,6 +159,7 @@ class Forwarder:
         # Whether a client connection still means what it meant when it came in
         # (proxy.listeners): a reload may have closed its port or given it another set.
         self._admits = admits
+        self._loop = asyncio.get_running_loop()  # created by ProxyServer.start, on it
         self.drained = asyncio.Event()  # set while no request is in flight
         self.drained.set()
 
@@ -227,15 +234,21 @@ class Forwarder:
         body = await request_body(request, limits.max_body_size, limits.replay_buffer,
                                   settings.timeout)
         call = Call(request, settings.path_prefix + route.target, body,
-                    self.tokens.source(route.set_name), self._budget(request, settings, route),
-                    record, settings.timeout)
+                    self.tokens.source(route.set_name), record, settings.timeout)
+        limiter = self.limiter
+        if limiter is not None:
+            call.bucket = limiter.bucket(route.set_name, request.method,
+                                         route.target.partition("?")[0])
+            call.wait_until = limiter.now() + max_wait_of(
+                request.headers.get(MAX_WAIT_HEADER), settings.config.rate_limits.max_wait)
         upstream, token = await self._attempt(call, None)
         try:
             if upstream.status == 401:
                 record.upstream_status = 401
                 upstream = await self._after_401(call, token, upstream)
-            if (upstream.status == 429 and request.method in _RETRIED_AFTER_429
-                    and body.replayable and call.budget.could_wait()):
+            if (upstream.status == 429 and limiter is not None and call.bucket is not None
+                    and request.method in _RETRIED_AFTER_429 and body.replayable
+                    and limiter.could_wait(call.bucket, call.wait_until)):
                 # bol's budget ran out under us (a reset that refilled less than it
                 # said, another client on the same credentials): a read can wait for it.
                 record.upstream_status = 429
@@ -249,39 +262,31 @@ class Forwarder:
             upstream.close()
             raise
 
-    def _budget(self, request: web.BaseRequest, settings: Settings, route: Route) -> Budget:
-        limiter = self.limiter
-        if limiter is None:
-            return Budget(None, ("", ""), 0.0)
-        max_wait = max_wait_of(request.headers.get(MAX_WAIT_HEADER),
-                               settings.config.rate_limits.max_wait)
-        return limiter.budget(route.set_name, request.method, route.target.partition("?")[0],
-                              max_wait)
-
     async def _attempt(self, call: Call, token: Token | None) -> tuple[Response, Token]:
         """One request to bol within the set's budget: wait for budget, attach the token
         (the set's current one unless given), send, and tell the budget what came back."""
-        record = call.record
-        started = time.perf_counter()
-        permit = await call.budget.acquire()
-        waited = time.perf_counter() - started
-        if waited > 0.001:  # it queued, rather than just asked
-            record.waited += waited
+        record, bucket, limiter = call.record, call.bucket, self.limiter
+        if bucket is not None and limiter is not None and not limiter.try_take(bucket):
+            record.waited += await limiter.acquire(bucket, call.wait_until)
         try:
             if token is None:
                 token = await call.source.get()
             if not record.deadline:
                 # One ceiling for the whole exchange with bol, replays included.
-                record.deadline = asyncio.get_running_loop().time() + call.timeout
+                record.deadline = self._loop.time() + call.timeout
             upstream = await self._send(call, token)
         except BaseException:
-            await permit.cancel()
+            if bucket is not None and limiter is not None:
+                await limiter.release(bucket)
             raise
-        try:
-            await permit.answered(upstream.status, upstream.raw_headers)
-        except BaseException:
-            upstream.close()
-            raise
+        if bucket is not None and limiter is not None:
+            shared = limiter.answered(bucket, upstream.status, upstream.raw_headers)
+            if shared is not None:
+                try:
+                    await shared
+                except BaseException:
+                    upstream.close()
+                    raise
         return upstream, token
 
     async def _send(self, call: Call, token: Token) -> Response:

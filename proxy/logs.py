@@ -117,15 +117,20 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def add(self, line: str, urgent: bool = False) -> None:
         """Queue one formatted line (also the entry point of :class:`AccessLog`)."""
         self._pending.append(line)
+        if urgent or len(self._pending) >= self.MAX_PENDING:
+            self.flush()
+            return
+        if self._timer is not None and self._timer_loop is not None \
+                and self._timer_loop.is_running():
+            return  # a flush is due within FLUSH_AFTER (the usual case: nothing to do)
         try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
-            loop = None
-        if (urgent or len(self._pending) >= self.MAX_PENDING or loop is None
-                or (self._timer is not None and self._timer_loop is not loop)):
-            self.flush()  # (a timer of a loop that has ended would never fire)
-        elif self._timer is None:
-            self._timer, self._timer_loop = loop.call_later(self.FLUSH_AFTER, self.flush), loop
+            self.flush()  # outside a loop (start-up errors, the CLI): at once
+            return
+        if self._timer is not None:
+            self.flush()  # a timer of a loop that has ended would never fire
+        self._timer, self._timer_loop = loop.call_later(self.FLUSH_AFTER, self.flush), loop
 
     def flush(self) -> None:
         with self.lock or contextlib.nullcontext():

@@ -13,8 +13,10 @@ proxy sees all of their traffic, so it keeps the budget (the arithmetic is in
 * Every answer tells its bucket what bol said; the next in line is woken when that
   frees budget, or when the reset comes.
 
-Only the head of a queue asks the store for budget, so the order holds however the
-store decides (this process's counts, or counts shared by replicas).
+Only the head of a queue asks for budget, so the order holds however the budget is
+counted: by this process (:class:`~proxy.budgets.LocalBudgets`), or by every replica
+together (a :class:`~proxy.budgets.SharedCount` in Redis, mirrored in the local
+buckets).
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
 
-from .budgets import BudgetStore, Key, Snapshot, Told, bucket_of, read_told
+from .budgets import Key, LocalBudgets, SharedCount, Snapshot, Told, bucket_of, read_told
+from .config import CredentialSet
 from .errors import BadRequest, RateLimited
 from .headers import MAX_WAIT_HEADER
 from .metrics import Metrics
 from .tokens import Clock
 
 _LONGEST_WAIT = 3600.0  # what X-Bol-Proxy-Max-Wait may ask for
+_REMEMBERED_KEYS = 4096  # requests whose bucket is remembered
 
 
 def max_wait_of(header: str | None, default: float) -> float:
@@ -49,128 +52,102 @@ def max_wait_of(header: str | None, default: float) -> float:
 
 
 class _Waiter:
-    __slots__ = ("wake",)
+    __slots__ = ("admitted", "wake")
 
     def __init__(self) -> None:
         self.wake = asyncio.Event()
-
-
-class Permit:
-    """Budget for one request to bol; say what came back, or that nothing was sent."""
-
-    __slots__ = ("_key", "_limiter", "_open")
-
-    def __init__(self, limiter: RateLimiter, key: Key) -> None:
-        self._limiter = limiter
-        self._key = key
-        self._open = True
-
-    async def answered(self, status: int, raw_headers: Iterable[tuple[bytes, bytes]]) -> Told:
-        """bol answered: its budget headers (and a 429) update the bucket."""
-        self._open = False
-        return await self._limiter.answered(self._key, status, raw_headers)
-
-    async def cancel(self) -> None:
-        """The request never reached bol (no token, the tool left): give the budget back."""
-        if self._open:
-            self._open = False
-            await self._limiter.release(self._key)
-
-
-class _Unmetered(Permit):
-    """What a disabled limiter hands out."""
-
-    def __init__(self) -> None:
-        pass
-
-    async def answered(self, status: int, raw_headers: Iterable[tuple[bytes, bytes]]) -> Told:
-        return Told()
-
-    async def cancel(self) -> None:
-        pass
-
-
-UNMETERED = _Unmetered()
-
-
-@dataclass(slots=True)
-class Budget:
-    """The budget side of one tool request: its bucket and how long it may still wait."""
-
-    limiter: RateLimiter | None
-    key: Key
-    deadline: float  # clock time after which the request may not wait any more
-
-    async def acquire(self) -> Permit:
-        if self.limiter is None:
-            return UNMETERED
-        return await self.limiter.acquire(self.key, self.deadline)
-
-    def could_wait(self) -> bool:
-        """Whether budget is expected back before the request's wait runs out."""
-        if self.limiter is None:
-            return False
-        return self.limiter.expected_wait(self.key) <= self.deadline - self.limiter.now()
+        self.admitted = False  # budget was taken for it while it slept
 
 
 class RateLimiter:
-    """Queues and budgets of every set; ``store`` keeps the counts."""
+    """Queues and budgets of every set: counted in ``local``, or by ``shared`` (every
+    replica together) when configured, which ``local`` then mirrors."""
 
-    def __init__(self, store: BudgetStore, clock: Clock, wall: Callable[[], float],
-                 metrics: Metrics | None = None) -> None:
-        self.store = store
+    def __init__(self, local: LocalBudgets, clock: Clock, wall: Callable[[], float],
+                 metrics: Metrics | None = None, shared: SharedCount | None = None) -> None:
+        self.local = local
+        self.shared = shared
         self._clock = clock
         self._wall = wall
         self._metrics = metrics
         self._queues: dict[Key, deque[_Waiter]] = {}
+        self._keys: dict[tuple[str, str, str], Key] = {}
         self._cutoff = math.inf  # at shutdown: nobody waits past the last moment
 
     def now(self) -> float:
         return self._clock.monotonic()
 
-    def budget(self, set_name: str, method: str, path: str, max_wait: float) -> Budget:
-        return Budget(self, (set_name, bucket_of(method, path)), self.now() + max_wait)
+    def bucket(self, set_name: str, method: str, path: str) -> Key:
+        """The bucket a request to ``path`` spends from (remembered: most requests
+        repeat a few list endpoints)."""
+        request = (set_name, method, path)
+        key = self._keys.get(request)
+        if key is None:
+            if len(self._keys) >= _REMEMBERED_KEYS:
+                self._keys.clear()  # identifiers in paths: forget rather than grow
+            key = self._keys[request] = (set_name, bucket_of(method, path))
+        return key
 
-    def expected_wait(self, key: Key) -> float:
+    async def _take(self, key: Key, now: float) -> float | None:
+        shared = self.shared
+        return self.local.take(key, now) if shared is None else await shared.take(key, now)
+
+    def could_wait(self, key: Key, deadline: float) -> bool:
+        """Whether budget is expected back before ``deadline``."""
         queue = self._queues.get(key)
-        return self.store.estimate(key, len(queue) if queue else 0, self.now())
+        now = self.now()
+        return self.local.estimate(key, len(queue) if queue else 0, now) <= deadline - now
 
-    async def acquire(self, key: Key, deadline: float) -> Permit:
-        """Budget for one request, after waiting in line if need be; else
-        :class:`RateLimited` (at once when the wait would pass ``deadline``)."""
+    async def acquire(self, key: Key, deadline: float) -> float:
+        """Budget for one request, after waiting in line if need be, and the seconds it
+        waited; else :class:`RateLimited` (at once when the wait would pass
+        ``deadline``). The request then reports what came back (:meth:`answered`), or
+        that it never left (:meth:`release`)."""
         now = self.now()
         deadline = min(deadline, self._cutoff)
         queue = self._queues.get(key)
         if not queue:
-            when = await self.store.take(key, now)
+            shared = self.shared
+            when = (self.local.take(key, now) if shared is None  # the usual: no awaiting
+                    else await shared.take(key, now))
             if when is None:
-                return Permit(self, key)
+                return 0.0
             queue = self._queues.setdefault(key, deque())
-        expected = self.store.estimate(key, len(queue), now)
+        expected = self.local.estimate(key, len(queue), now)
         if now + expected > deadline:
             raise self._refusal(key, expected)
         waiter = _Waiter()
         queue.append(waiter)
         try:
             await self._wait_in_line(key, queue, waiter, deadline)
+        except BaseException:
+            if waiter.admitted:  # let go by another's _admit, then cancelled (tool gone)
+                self.local.release(key, self.now())
+                self._admit(key)
+            raise
         finally:
-            queue.remove(waiter)
-            if queue:
-                queue[0].wake.set()  # the next one asks now: there may be budget for more
-            elif self._queues.get(key) is queue:
+            if not waiter.admitted:
+                queue.remove(waiter)
+                if queue:
+                    queue[0].wake.set()  # the next one asks now: there may be budget
+            if not queue and self._queues.get(key) is queue:
                 del self._queues[key]
+        waited = self.now() - now
         if self._metrics is not None:
-            self._metrics.waited(key[0], key[1], self.now() - now)
-        return Permit(self, key)
+            self._metrics.waited(key[0], key[1], waited)
+        return waited
 
     async def _wait_in_line(self, key: Key, queue: deque[_Waiter], waiter: _Waiter,
                             deadline: float) -> None:
-        while True:
+        while not waiter.admitted:
             now = self.now()
             deadline = min(deadline, self._cutoff)
             if queue[0] is waiter:
-                when = await self.store.take(key, now)
+                when = await self._take(key, now)
                 if when is None:
+                    queue.popleft()
+                    waiter.admitted = True
+                    self._admit(key)  # budget may be there for those behind it too
                     return
                 if when > deadline and not math.isinf(when):
                     raise self._refusal(key, when - now)
@@ -178,15 +155,32 @@ class RateLimiter:
             else:
                 until = deadline
             if now >= deadline:
-                raise self._refusal(key, self.store.estimate(key, queue.index(waiter), now))
+                raise self._refusal(key, self.local.estimate(key, queue.index(waiter), now))
             waiter.wake.clear()
             await self._clock.wait(waiter.wake, until - now)
+
+    def _admit(self, key: Key) -> None:
+        """Let waiting requests go while there is budget, at once and in order: one by
+        one, each on the next turn of the loop, the line would never empty under steady
+        traffic, and every request after it would queue. Counted here only; with shared
+        counts, the head asks Redis itself."""
+        queue = self._queues.get(key)
+        if not queue:
+            return
+        if self.shared is None:
+            now = self.now()
+            while queue and self.local.take(key, now) is None:
+                admitted = queue.popleft()
+                admitted.admitted = True
+                admitted.wake.set()
+        if queue:
+            queue[0].wake.set()
 
     def _refusal(self, key: Key, wait: float) -> RateLimited:
         if self._metrics is not None:
             self._metrics.rate_limited(key[0], key[1])
         set_name, bucket = key
-        known = self.store.peek(key, self.now())
+        known = self.local.peek(key, self.now())
         headers = {}
         if known is not None and known.limit is not None:
             # As bol would have said it, for tools that read these headers.
@@ -197,23 +191,39 @@ class RateLimiter:
             f"{math.ceil(wait)} s, later than this request may wait (rate_limits.max_wait "
             f"or {MAX_WAIT_HEADER})", max(wait, 1.0), headers)
 
-    async def answered(self, key: Key, status: int,
-                       raw_headers: Iterable[tuple[bytes, bytes]]) -> Told:
+    def answered(self, key: Key, status: int,
+                 raw_headers: Iterable[tuple[bytes, bytes]]) -> Awaitable[None] | None:
+        """bol answered a request that had budget: its headers (and a 429) teach the
+        bucket, and the next in line may go. Done here at once when this process counts
+        (None); an awaitable when the count is shared (Redis)."""
         told = read_told(status, raw_headers, self._wall())
-        await self.store.learn(key, told, self.now())
         if told.refused and self._metrics is not None:
             self._metrics.refused_by_bol(key[0], key[1])
-        self._poke(key)
-        return told
+        if self.shared is not None:
+            return self._learn_shared(key, told)
+        self.local.learn(key, told, self.now())
+        self._admit(key)
+        return None
+
+    async def _learn_shared(self, key: Key, told: Told) -> None:
+        assert self.shared is not None
+        await self.shared.learn(key, told, self.now())
+        self._admit(key)
+
+    def try_take(self, key: Key) -> bool:
+        """Budget at once, without waiting or asking Redis, if this process counts and
+        nobody waits before: the usual case, with no await at all."""
+        if self.shared is not None or self._queues.get(key):
+            return False
+        return self.local.take(key, self.now()) is None
 
     async def release(self, key: Key) -> None:
-        await self.store.release(key, self.now())
-        self._poke(key)
-
-    def _poke(self, key: Key) -> None:
-        queue = self._queues.get(key)
-        if queue:
-            queue[0].wake.set()
+        """A request that had budget never reached bol (no token, the tool left)."""
+        if self.shared is None:
+            self.local.release(key, self.now())
+        else:
+            await self.shared.release(key, self.now())
+        self._admit(key)
 
     def stop_waiting_at(self, moment: float) -> None:
         """Shutdown: a request that cannot have budget by ``moment`` is answered 429 now,
@@ -230,9 +240,15 @@ class RateLimiter:
     def snapshot(self) -> list[tuple[Snapshot, int]]:
         """Every bucket with the requests waiting for it."""
         return [(s, self.waiting((s.set_name, s.bucket)))
-                for s in self.store.snapshot(self.now())]
+                for s in self.local.snapshot(self.now())]
 
-    def forget(self, set_names: Iterable[str]) -> None:
-        """Sets removed or changed by a reload: their buckets go (waiters finish as they
-        are: their next question to the store starts a fresh bucket)."""
-        self.store.forget(set_names)
+    def follow(self, sets: Iterable[CredentialSet], changed: Iterable[str]) -> None:
+        """A reload: the sets configured now, and those removed or changed, whose
+        buckets go (waiters finish as they are: their next question starts a fresh
+        bucket)."""
+        gone = list(changed)
+        self.local.forget(gone)
+        self._keys.clear()
+        if self.shared is not None:
+            self.shared.forget(gone)
+            self.shared.follow(sets)

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import partial
 
-from .budgets import FIRST_BACKOFF, IDLE_BUCKET, MAX_BACKOFF, Key, LocalBudgets, Snapshot, Told
+from .budgets import FIRST_BACKOFF, IDLE_BUCKET, MAX_BACKOFF, Key, LocalBudgets, Told
 from .config import CredentialSet
 from .shared import SharedStateDown, SharedStore
 
@@ -133,15 +133,15 @@ def _ms(seconds: float | None) -> str:
 
 
 class SharedBudgets:
-    """A :class:`~proxy.budgets.BudgetStore` in Redis, with this replica's count as the
-    fallback while Redis is down."""
+    """A :class:`~proxy.budgets.SharedCount` in Redis; ``local`` mirrors what it says,
+    and counts alone while Redis is down."""
 
     def __init__(self, store: SharedStore, sets: Iterable[CredentialSet],
-                 under_way_for: float) -> None:
+                 under_way_for: float, local: LocalBudgets) -> None:
         self._store = store
         self._groups = {cred.name: _group(cred) for cred in sets}
         self._under_way_ms = _ms(under_way_for)  # a request counts at most this long
-        self.local = LocalBudgets()  # the fallback, and the mirror of what Redis said
+        self.local = local
         self._tickets: dict[Key, list[str]] = {}  # requests under way, let go via Redis
 
     def follow(self, sets: Iterable[CredentialSet]) -> None:
@@ -156,14 +156,14 @@ class SharedBudgets:
 
     async def take(self, key: Key, now: float) -> float | None:
         if not self._store.up:
-            return await self.local.take(key, now)
+            return self.local.take(key, now)
         ticket = secrets.token_hex(8)
         script = self._store.script(_TAKE)
         try:
             answer = await self._store.run(partial(
                 script, self._keys(key), [ticket, self._under_way_ms, _ms(IDLE_BUCKET)]))
         except SharedStateDown:
-            return await self.local.take(key, now)
+            return self.local.take(key, now)
         admitted, wait = self._mirror(key, answer, now)
         if admitted:
             self._tickets.setdefault(key, []).append(ticket)
@@ -174,7 +174,7 @@ class SharedBudgets:
     async def learn(self, key: Key, told: Told, now: float) -> None:
         ticket = self._ticket(key)
         if ticket is None:  # let go by this replica's own count (Redis was down)
-            await self.local.learn(key, told, now)
+            self.local.learn(key, told, now)
             return
         script = self._store.script(_LEARN)
         args = [ticket, "" if told.limit is None else str(told.limit),
@@ -184,14 +184,14 @@ class SharedBudgets:
         try:
             answer = await self._store.run(partial(script, self._keys(key), args))
         except SharedStateDown:
-            await self.local.learn(key, told, now)  # the ticket ends by itself in Redis
+            self.local.learn(key, told, now)  # the ticket ends by itself in Redis
             return
         self._mirror(key, answer, now)
 
     async def release(self, key: Key, now: float) -> None:
         ticket = self._ticket(key)
         if ticket is None:
-            await self.local.release(key, now)
+            self.local.release(key, now)
             return
         try:
             answer = await self._store.run(partial(self._store.script(_RELEASE),
@@ -224,19 +224,9 @@ class SharedBudgets:
         bucket.last_used = now
         return bool(admitted), (None if wait == UNTIL_TOLD else wait / 1000)
 
-    def estimate(self, key: Key, ahead: int, now: float) -> float:
-        return self.local.estimate(key, ahead, now)
-
-    def snapshot(self, now: float) -> Iterator[Snapshot]:
-        return self.local.snapshot(now)
-
-    def peek(self, key: Key, now: float) -> Snapshot | None:
-        return self.local.peek(key, now)
-
     def forget(self, set_names: Iterable[str]) -> None:
-        """Only this replica's view: the buckets in Redis belong to every replica, and
+        """This replica's part only: the buckets in Redis belong to every replica, and
         expire by themselves once idle."""
-        self.local.forget(set_names)
         gone = set(set_names)
         for key in [k for k in self._tickets if k[0] in gone]:
             del self._tickets[key]

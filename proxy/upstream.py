@@ -671,6 +671,7 @@ class UpstreamPool:
         self._held = 0
         self._line: collections.deque[asyncio.Future[None]] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one it runs on, once known
         self.retired = False
 
     @property
@@ -694,7 +695,9 @@ class UpstreamPool:
         on a POST whose connection broke before the answer. Waiting for a free
         connection and connecting end at ``deadline`` (loop time), and nothing is
         written once it has passed: ``TimeoutError`` instead."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         resendable = idempotent and (body is None or isinstance(body, bytes))
         for attempt in (0, 1):
             if self._held < self._limit and not self._line:

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import ProxyServer
 from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, ORDER, FakeBol
+from proxy.metrics import Metrics
 from tests.conftest import StartProxy, base_config, problem, wait_until
 
 
@@ -175,3 +176,26 @@ async def test_metrics_show_when_a_partners_authorisation_ends(
                           (("set", "partner"),))]
     assert ends > 1.7e9  # first use (now) plus a year, as Unix time
     assert fake.refresh_tokens and not any(t in text for t in fake.refresh_tokens)
+
+
+def test_request_durations_are_a_histogram_whose_bounds_count_as_inside() -> None:
+    metrics = Metrics()
+    for seconds in (0.0005, 0.001, 0.0011, 75.0):
+        metrics.observe("seta", "GET", 200, seconds, None)
+    metrics.observe("seta", "BREW", 418, 0.001, 0.0004)  # a made-up method is OTHER
+    got = samples(metrics.exposition().decode())
+
+    def value(name: str, **labels: str) -> float | None:
+        return got.get((name, tuple(sorted(labels.items()))))
+
+    bucket = "bol_proxy_request_duration_seconds_bucket"
+    assert value(bucket, set="seta", le="0.001") == 3  # 0.0005, and 0.001 itself (twice)
+    assert value(bucket, set="seta", le="0.0025") == 4
+    assert value(bucket, set="seta", le="60.0") == 4
+    assert value(bucket, set="seta", le="+Inf") == 5
+    assert value("bol_proxy_request_duration_seconds_count", set="seta") == 5
+    assert value("bol_proxy_request_duration_seconds_sum", set="seta") == pytest.approx(
+        0.0005 + 0.001 + 0.0011 + 75.0 + 0.001)
+    assert value("bol_proxy_upstream_duration_seconds_count", set="seta") == 1
+    assert value("bol_proxy_requests_total", set="seta", method="OTHER",
+                 status_class="4xx") == 1

@@ -211,22 +211,22 @@ def test_a_bucket_never_lets_more_go_than_bol_said_remains(
 # ------------------------------------------------------------------- the store
 
 
-async def test_idle_buckets_are_dropped_and_the_store_stays_bounded() -> None:
+def test_idle_buckets_are_dropped_and_the_store_stays_bounded() -> None:
     store = LocalBudgets()
     for i in range(MAX_BUCKETS + 10):
         key = ("seta", f"GET /retailer/x{i}")
-        assert await store.take(key, 0.0) is None
-        await store.learn(key, Told(10, 9, 1.0), 0.0)
+        assert store.take(key, 0.0) is None
+        store.learn(key, Told(10, 9, 1.0), 0.0)
     assert len(store) <= MAX_BUCKETS + 10
-    await store.take(("seta", "GET /retailer/late"), IDLE_BUCKET + 2)
+    store.take(("seta", "GET /retailer/late"), IDLE_BUCKET + 2)
     for i in range(300):  # creations sweep idle buckets from time to time
-        await store.take(("seta", f"GET /retailer/y{i}"), IDLE_BUCKET + 2)
+        store.take(("seta", f"GET /retailer/y{i}"), IDLE_BUCKET + 2)
     assert len(store) <= 301
 
 
-async def test_a_forgotten_set_loses_its_buckets() -> None:
+def test_a_forgotten_set_loses_its_buckets() -> None:
     store = LocalBudgets()
-    await store.take(("seta", "GET /retailer/orders"), 0)
-    await store.take(("setb", "GET /retailer/orders"), 0)
+    store.take(("seta", "GET /retailer/orders"), 0)
+    store.take(("setb", "GET /retailer/orders"), 0)
     store.forget(["seta"])
     assert [s.set_name for s in store.snapshot(0)] == ["setb"]

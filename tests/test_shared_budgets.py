@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from proxy.app import ProxyServer
-from proxy.budgets import Bucket, Told
+from proxy.budgets import Bucket, LocalBudgets, Told
 from proxy.config import CredentialSet, Secret, SharedState
 from proxy.demo import FakeBol
 from proxy.shared import SharedStore
@@ -35,7 +35,7 @@ KEY = ("seta", "GET /retailer/orders")
 async def budgets(redis_server: RedisServer) -> AsyncIterator[SharedBudgets]:
     store = SharedStore(SharedState(Secret(redis_server.url), "test:"))
     await store.start()
-    yield SharedBudgets(store, [CRED], under_way_for=60)
+    yield SharedBudgets(store, [CRED], under_way_for=60, local=LocalBudgets())
     await store.close()
 
 
@@ -81,8 +81,8 @@ async def test_budget_held_by_a_replica_that_vanished_returns_by_itself(
     store = SharedStore(SharedState(Secret(redis_server.url), "test:"))
     await store.start()
     try:
-        gone = SharedBudgets(store, [CRED], under_way_for=0.2)
-        other = SharedBudgets(store, [CRED], under_way_for=0.2)
+        gone = SharedBudgets(store, [CRED], under_way_for=0.2, local=LocalBudgets())
+        other = SharedBudgets(store, [CRED], under_way_for=0.2, local=LocalBudgets())
         assert await gone.take(KEY, 0.0) is None  # ...and its answer never comes
         assert await other.take(KEY, 0.0) is not None
         await asyncio.sleep(0.3)  # the time a request counts, in Redis's clock

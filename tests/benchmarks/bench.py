@@ -72,6 +72,7 @@ from .procs import (
     start_hop,
     start_proxy,
     start_upstream,
+    with_settings,
 )
 from .report import MB, mb, median, ms, percentile, ratio, share, table
 from .upstream import ORDERS_BODY
@@ -135,8 +136,9 @@ class Run:
     """What the phases share: the plan, the processes, the main upstream and proxy."""
 
     def __init__(self, plan: Plan, procs: Processes, workdir: Path,
-                 profile: Path | None = None) -> None:
+                 profile: Path | None = None, settings: list[str] | None = None) -> None:
         self.plan = plan
+        self.settings = settings or []  # --set, for the main proxy
         self.procs = procs
         self.workdir = workdir
         self.profile = profile  # where py-spy writes, if asked for
@@ -156,8 +158,9 @@ class Run:
         """bol-proxy in front of :meth:`upstream`, one prefetch set, bodies up to 4 GiB."""
         if self._proxy is None:
             port = free_port()
-            config = proxy_config(self.upstream(), port, limits={"max_body_size": 4 << 30},
-                                  upstream={"timeout": 900})
+            config = with_settings(proxy_config(
+                self.upstream(), port, limits={"max_body_size": 4 << 30},
+                upstream={"timeout": 900}), self.settings)
             note("starting bol-proxy")
             self._proxy = start_proxy(self.procs, self.workdir, "proxy", config, port)
         return self._proxy
@@ -900,6 +903,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=PHASES, metavar="NAME", action="extend",
                    help=f"run only these phases: {', '.join(PHASES)}")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a setting of the measured proxy (throughput, latency, streaming), "
+                        "e.g. rate_limits.enabled=false to see what a feature costs")
     p.add_argument("--profile", metavar="PATH",
                    help="after the throughput rounds, sample the proxy with py-spy during one "
                         f"more proxied round and write the raw stacks to PATH ({spy.INSTALL})")
@@ -926,7 +932,8 @@ def main(argv: list[str] | None = None) -> int:
     keep = True  # the logs stay for a look when something failed
     try:
         with procs, Others(procs) as whole:
-            run = Run(plan, procs, workdir, Path(args.profile) if args.profile else None)
+            run = Run(plan, procs, workdir, Path(args.profile) if args.profile else None,
+                      args.set)
             for name in selected:
                 try:
                     with Others(procs) as others:

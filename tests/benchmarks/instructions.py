@@ -1,6 +1,6 @@
 """Instructions per proxied request, counted by valgrind's callgrind.
 
-    .venv/bin/python -m tests.benchmarks.instructions [--requests N]
+    .venv/bin/python -m tests.benchmarks.instructions [--requests N] [--set KEY=VALUE ...]
 
 Timings on a shared 2-core machine move by tens of percent from run to run; instruction
 counts do not, so this is the figure to compare two versions of the hot path with. It
@@ -11,7 +11,9 @@ minimal aiohttp hop (``hop.py``), one after the other, under callgrind with coun
 off. After 100 warm-up requests it counts the instructions of N sequential GETs of
 ``/retailer/orders`` on one keep-alive connection, and prints instructions
 per request and the ratio of bol-proxy to the hop measured in the same run. Only user
-space is counted: system calls are the kernel's work and waiting is none.
+space is counted: system calls are the kernel's work and waiting is none. ``--set
+rate_limits.enabled=false`` (any ``section.key=value``, the value read as YAML) measures
+bol-proxy with that setting, to see what a feature costs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .procs import (
     proxy_config,
     start_upstream,
     wait_for,
+    with_settings,
 )
 
 ORDERS = "/retailer/orders"
@@ -47,18 +50,27 @@ def callgrind(out: Path) -> list[str]:
             f"--callgrind-out-file={out}"]
 
 
-async def requests(port: int, count: int) -> None:
-    conn = load.HttpConnection(port)
+async def requests(port: int, count: int, connections: int = 1) -> None:
+    """``count`` GETs in all, sequential on each of ``connections`` connections."""
     data = load.request_bytes(port, ORDERS)
-    try:
-        for _ in range(count):
-            if await conn.request(data) != 200:
-                raise BenchError(f"port {port} answered an error")
-    finally:
-        conn.close()
+
+    async def one_connection(share: int) -> None:
+        conn = load.HttpConnection(port)
+        try:
+            for _ in range(share):
+                if await conn.request(data) != 200:
+                    raise BenchError(f"port {port} answered an error")
+        finally:
+            conn.close()
+
+    async with asyncio.TaskGroup() as group:
+        for i in range(connections):
+            group.create_task(one_connection(count // connections
+                                             + (i < count % connections)))
 
 
-def count(procs: Processes, argv: list[str], port: int, out: Path, n: int) -> float:
+def count(procs: Processes, argv: list[str], port: int, out: Path, n: int,
+          connections: int = 1) -> float:
     """Instructions per request of the server started by ``argv`` on ``port``."""
     log = out.with_suffix(".log")
     with log.open("ab") as err:
@@ -67,7 +79,7 @@ def count(procs: Processes, argv: list[str], port: int, out: Path, n: int) -> fl
     asyncio.run(requests(port, WARM_UP))
     subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], check=True,
                    capture_output=True)
-    asyncio.run(requests(port, n))
+    asyncio.run(requests(port, n, connections))
     subprocess.run(["callgrind_control", "--instr=off", str(proc.pid)], check=True,
                    capture_output=True)
     procs.stop(proc, grace=60)
@@ -87,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--requests", type=int, default=500, metavar="N",
                    help="requests counted per server (default 500)")
+    p.add_argument("--connections", type=int, default=1, metavar="N",
+                   help="connections the requests are spread over, at once (default 1: "
+                        "sequential; 32 is the throughput measurement's concurrency)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a setting of bol-proxy's configuration for this count")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is not installed: apt-get update && apt-get install -y valgrind",
@@ -97,12 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         bol = start_upstream(procs, workdir)
         port = free_port()
         config = workdir / "proxy.yaml"
-        config.write_text(yaml.safe_dump(proxy_config(bol, port)))
+        config.write_text(yaml.safe_dump(with_settings(proxy_config(bol, port), args.set)))
         proxy = count(procs, [sys.executable, "-m", "proxy", "--config", str(config)], port,
-                      workdir / "proxy.out", args.requests)
+                      workdir / "proxy.out", args.requests, args.connections)
         port = free_port()
-        hop = count(procs, hop_argv(bol, port), port, workdir / "hop.out", args.requests)
-    print(f"instructions per request ({args.requests} sequential GETs, user space):")
+        hop = count(procs, hop_argv(bol, port), port, workdir / "hop.out", args.requests,
+                    args.connections)
+    print(f"instructions per request ({args.requests} GETs, {args.connections} at a time, "
+          "user space):")
     print(f"  bol-proxy             {proxy / 1000:8,.0f}k")
     print(f"  minimal aiohttp hop   {hop / 1000:8,.0f}k")
     print(f"  ratio                 {proxy / hop:8.2f}")

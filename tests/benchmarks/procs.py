@@ -359,6 +359,18 @@ def proxy_config(bol: UpstreamProcess, port: int, **sections: Any) -> dict[str, 
     return raw
 
 
+def with_settings(raw: dict[str, Any], settings: list[str]) -> dict[str, Any]:
+    """``raw`` with ``section.key=value`` settings applied (values read as YAML): to
+    measure what one feature costs, e.g. ``rate_limits.enabled=false``."""
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        section, _, key = name.partition(".")
+        if not key or not value:
+            raise BenchError(f"--set takes section.key=value, got {setting!r}")
+        raw.setdefault(section, {})[key] = yaml.safe_load(value)
+    return raw
+
+
 @dataclass
 class ProxyProcess:
     proc: subprocess.Popen[bytes]
