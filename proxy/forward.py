@@ -224,11 +224,12 @@ class Forwarder:
             # listener or gave its port another set: no other set may stand in.
             raise ListenerClosed("this connection's listener was closed or changed by a "
                                  "reload or shutdown; reconnect")
-        authorization = request.headers.get(_AUTHORIZATION)
+        authorizations = request.headers.getall(_AUTHORIZATION, ())
         route = settings.router.resolve(request.method, request.raw_path,
                                         request.headers.getall(CREDENTIALS_HEADER, []),
                                         cast(Connection, conn).port,
-                                        standin.set_of(authorization) if authorization else None)
+                                        standin.set_named(authorizations)
+                                        if authorizations else None)
         record.set_name = route.set_name
         limits = settings.config.limits
         body = await request_body(request, limits.max_body_size, limits.replay_buffer,

@@ -29,7 +29,7 @@ import functools
 import json
 import math
 import secrets
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
@@ -39,11 +39,12 @@ from multidict import istr
 from .access import AccessRecord
 from .bodies import request_body
 from .config import Config, CredentialSet
-from .errors import MethodNotAllowed, ProxyError, problem_response
+from .errors import BadRequest, MethodNotAllowed, ProxyError, problem_response
 from .metrics import Metrics
 from .server import Connection
 
 ISSUER = "bol-proxy"
+MAX_STANDIN = 2048  # characters; a real one has a few hundred
 MAX_LOGIN_BODY = 16 * 1024  # a token request is a short form; anything larger is not one
 # bol's own lifetimes and scopes, so that tools see the answer they know.
 _LIFETIMES = {"client_credentials": (299, "RETAILER"), "refresh_token": (599, "offline_access")}
@@ -57,7 +58,6 @@ def _b64(data: dict[str, object]) -> str:
 
 # Every stand-in starts with this header: telling one apart is a prefix check.
 _HEADER = _b64({"alg": "none", "typ": "JWT"}) + "."
-_BEARER = "Bearer " + _HEADER
 
 
 class LoginRefused(Exception):
@@ -149,6 +149,8 @@ def choose_set(client_id: str, sets: Mapping[str, CredentialSet], only: str | No
         if not named:
             raise LoginRefused(401, "invalid_client", "no credential set has this client id: "
                                "log in with a set's name or its bol client id")
+        if only is not None and only in named:
+            named = [only]  # the port or the prefix already says which of them
         if len(named) > 1:
             raise _invalid(f"this client id belongs to {len(named)} sets "
                            f"({', '.join(sorted(named)[:5])}): log in with the set's name")
@@ -174,11 +176,27 @@ def issue(set_name: str, grant: str, now: float) -> dict[str, object]:
     return answer
 
 
-def set_of(authorization: str) -> str | None:
-    """The set a ``Bearer`` stand-in names, or None for any other Authorization."""
-    if not authorization.startswith(_BEARER):
-        return None
-    return _subject(authorization[len(_BEARER):])
+def set_named(authorizations: Sequence[str]) -> str | None:
+    """The set the stand-in tokens among a request's ``Authorization`` values name, or
+    None when there is none. The scheme is case-insensitive (RFC 9110 §11.1) and every
+    value counts: a stand-in must never be missed and the request sent with the default
+    set's token instead. Two stand-ins naming different sets, or a value shaped like a
+    stand-in that does not read as one, are :class:`BadRequest`."""
+    named = None
+    for value in authorizations:
+        scheme, _, credentials = value.strip().partition(" ")
+        credentials = credentials.strip()
+        if scheme.lower() != "bearer" or not credentials.startswith(_HEADER):
+            continue  # any other Authorization: replaced, as always
+        subject = (_subject(credentials[len(_HEADER):])
+                   if len(credentials) <= MAX_STANDIN else None)
+        if subject is None:
+            raise BadRequest("the Authorization holds a stand-in token of the proxy that "
+                             "does not read as one: log in again")
+        if named is not None and subject != named:
+            raise BadRequest("two stand-in tokens name different credential sets")
+        named = subject
+    return named
 
 
 @functools.lru_cache(maxsize=1024)
@@ -186,7 +204,7 @@ def _subject(rest: str) -> str | None:
     payload, dot, _ = rest.partition(".")
     try:
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         return None
     if not dot or not isinstance(claims, dict) or claims.get("iss") != ISSUER:
         return None

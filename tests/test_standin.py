@@ -9,16 +9,18 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 
 from proxy.config import CredentialSet, Secret, validate
 from proxy.demo import DEMO_CLIENT_ID, FakeBol
+from proxy.errors import BadRequest
 from proxy.standin import (
     LoginRefused,
     choose_set,
     is_login_path,
     issue,
     read_login,
-    set_of,
+    set_named,
 )
 from tests.conftest import StartProxy, base_config, free_port, problem, raw_request
 
@@ -145,7 +147,7 @@ def test_the_stand_in_answer_is_shaped_like_bols_and_names_its_set() -> None:
     token = str(answer["access_token"])
     claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
     assert claims["exp"] - claims["iat"] == 299  # readable by libraries that decode JWTs
-    assert set_of("Bearer " + token) == "shop-a"
+    assert set_named(["Bearer " + token]) == "shop-a"
 
 
 def test_a_refresh_grant_gets_a_stand_in_refresh_token_too() -> None:
@@ -159,15 +161,47 @@ def test_a_refresh_grant_gets_a_stand_in_refresh_token_too() -> None:
     "Basic abc", "Bearer", "Bearer " + "x" * 100,
 ])
 def test_any_other_authorization_names_no_set(authorization: str) -> None:
-    assert set_of(authorization) is None
+    assert set_named([authorization]) is None
 
 
-def test_a_stand_in_from_another_issuer_names_no_set() -> None:
+def test_a_stand_in_from_another_issuer_or_without_its_parts_is_a_bad_request() -> None:
     token = str(issue("shop-a", "client_credentials", 0)["access_token"])
     header, payload, _ = token.split(".")
     forged = base64.urlsafe_b64encode(b'{"iss":"x","sub":"shop-a"}').decode().rstrip("=")
-    assert set_of(f"Bearer {header}.{forged}.") is None
-    assert set_of(f"Bearer {header}.{payload}") is None  # no signature part at all
+    for broken in (f"Bearer {header}.{forged}.", f"Bearer {header}.{payload}"):
+        with pytest.raises(BadRequest):
+            set_named([broken])
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_the_bearer_scheme_of_a_stand_in_is_read_in_any_letter_case(scheme: str) -> None:
+    token = str(issue("shop-b", "client_credentials", 0)["access_token"])
+    assert set_named([f"{scheme}  {token} "]) == "shop-b"
+
+
+def test_a_stand_in_in_any_of_several_authorization_headers_names_its_set() -> None:
+    token = str(issue("shop-b", "client_credentials", 0)["access_token"])
+    assert set_named(["Basic abc", f"Bearer {token}"]) == "shop-b"
+
+
+def test_two_stand_ins_naming_different_sets_are_a_bad_request() -> None:
+    a, b = (str(issue(name, "client_credentials", 0)["access_token"])
+            for name in ("shop-a", "shop-b"))
+    with pytest.raises(BadRequest, match="different credential sets"):
+        set_named([f"Bearer {a}", f"Bearer {b}"])
+    assert set_named([f"Bearer {a}", f"bearer {a}"]) == "shop-a"
+
+
+def test_a_stand_in_nested_too_deep_or_too_long_is_a_bad_request_not_a_crash() -> None:
+    header = str(issue("shop-a", "client_credentials", 0)["access_token"]).split(".")[0]
+    deep = base64.urlsafe_b64encode(b"[" * 100_000 + b"]" * 100_000).decode()
+    for payload in (deep[:1500], deep):
+        with pytest.raises(BadRequest):
+            set_named([f"Bearer {header}.{payload}."])
+
+
+def test_on_its_port_or_prefix_a_login_with_a_shared_client_id_is_that_sets() -> None:
+    assert choose_set("partner-id", SETS, "seller-2") == "seller-2"
 
 
 @pytest.mark.parametrize(("target", "expected"), [
@@ -209,6 +243,22 @@ async def test_a_login_is_answered_without_a_call_to_bol_and_its_token_selects_t
     seen = fake.api_requests[-1]
     assert seen.client_id == "client-b"  # setb's real token, not the default's
     assert answer["access_token"] not in seen.headers["Authorization"]  # never forwarded
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER"])
+async def test_a_stand_in_with_any_case_scheme_or_in_a_second_header_selects_its_set(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+    scheme: str,
+) -> None:
+    fake, url = bol
+    server = await start_proxy(base_config(url))  # seta is the default
+    base = f"http://127.0.0.1:{server.port()}"
+    token = (await login(http, base + "/token", "setb"))["access_token"]
+    for authorizations in ([f"{scheme} {token}"], ["Basic junk", f"{scheme} {token}"]):
+        headers = CIMultiDict(("Authorization", value) for value in authorizations)
+        async with http.get(base + "/retailer/orders", headers=headers) as resp:
+            assert resp.status == 200
+        assert fake.api_requests[-1].client_id == "client-b"  # never the default's
 
 
 async def test_a_stand_in_that_conflicts_with_another_choice_is_a_bad_request(
@@ -266,8 +316,8 @@ async def test_a_login_on_a_sets_own_port_or_prefix_may_only_name_that_set(
     own = f"http://127.0.0.1:{server.port('setb')}/token"
     prefixed = f"http://127.0.0.1:{server.port()}/setb/token"
     for where in (own, prefixed):
-        assert set_of("Bearer " + (await login(http, where, "client-b"))["access_token"]) \
-            == "setb"
+        token = (await login(http, where, "client-b"))["access_token"]
+        assert set_named(["Bearer " + token]) == "setb"
         async with http.post(where, headers={"Authorization": basic("seta")},
                              data={"grant_type": "client_credentials"}) as resp:
             assert resp.status == 401
