@@ -15,7 +15,8 @@ case) and answers 429 with ``Retry-After`` when a limit is hit. This module keep
   bol has not counted those yet when it writes its headers for an earlier one.
 * Until its first answer a bucket lets one request go at a time (the others wait for
   what bol says), so tools that start together do not spend a budget nobody knows.
-  An endpoint that answers without budget headers is not metered, until a 429.
+  An endpoint that answers without budget headers is not metered: until a 429, and
+  again from the first answer without them after it.
 * A 429 blocks the bucket until ``Retry-After``, else the reset, else a short backoff
   that doubles while 429s repeat.
 
@@ -230,6 +231,10 @@ class Bucket:
         else:
             self.refusals = 0
             self.backoff = FIRST_BACKOFF
+            if told.limit is None and told.remaining is None and told.reset_in is None:
+                # An answer without a word of budget: not metered (any more). Else one
+                # 429 would leave a count of 0 that no later answer ever raises.
+                self.limit = self.remaining = self.reset_at = None
 
     def release(self, now: float) -> None:
         """A request this bucket let go was never sent (no token, the tool left)."""

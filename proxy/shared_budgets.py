@@ -113,6 +113,12 @@ if ARGV[6] == '1' then
   reset_at = blocked
 else
   backoff = tonumber(ARGV[7])
+  if ARGV[2] == '' and ARGV[3] == '' and ARGV[4] == '' then
+    -- no word of budget: not metered (any more), as in proxy.budgets
+    redis.call('HDEL', KEYS[1], 'limit')
+    remaining, reset_at = nil, nil
+    redis.call('HDEL', KEYS[1], 'reset_at')
+  end
 end
 if remaining == nil then redis.call('HDEL', KEYS[1], 'remaining')
 else redis.call('HSET', KEYS[1], 'remaining', remaining) end

@@ -155,6 +155,15 @@ def test_an_endpoint_that_answers_without_budget_headers_is_not_metered() -> Non
     assert all(bucket.take(0) is None for _ in range(100))
 
 
+def test_an_unmetered_endpoint_is_unmetered_again_after_a_429_has_passed() -> None:
+    bucket = Bucket()
+    bucket.take(0)
+    bucket.learn(Told(refused=True, retry_after=1.0), 0)  # bol's one 429, no budget said
+    bucket.take(1.0)
+    bucket.learn(Told(), 1.0)  # the next answer says nothing of a budget
+    assert all(bucket.take(1.0) is None for _ in range(50))
+
+
 def test_a_spent_bucket_without_a_reset_lets_one_request_ask() -> None:
     bucket = Bucket()
     bucket.take(0)

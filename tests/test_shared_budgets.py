@@ -46,7 +46,7 @@ async def test_redis_and_this_process_count_a_budget_alike(budgets: SharedBudget
     under_way, decided = 0, []
     for step in range(301):
         action = "refusal" if step == 300 else pick.choice(["take", "take", "answer",
-                                                              "release"])
+                                                              "answer", "silent", "release"])
         if action == "take":
             shared, alone = await budgets.take(KEY, 0.0), local.take(0.0)
             assert (shared is None) == (alone is None), step
@@ -58,6 +58,7 @@ async def test_redis_and_this_process_count_a_budget_alike(budgets: SharedBudget
                 local.release(0.0)
             else:
                 told = (Told(10, pick.randint(0, 10), 100.0) if action == "answer"
+                        else Told() if action == "silent"  # no budget headers at all
                         else Told(refused=True, retry_after=100.0))
                 await budgets.learn(KEY, told, 0.0)
                 local.learn(told, 0.0)
@@ -66,7 +67,7 @@ async def test_redis_and_this_process_count_a_budget_alike(budgets: SharedBudget
         if mirror is not None:
             assert (mirror.in_flight, mirror.remaining, mirror.limit) == (
                 local.in_flight, local.remaining, local.limit), step
-    assert decided.count(True) > 20 and decided.count(False) > 20  # both were tried
+    assert decided.count(True) > 10 and decided.count(False) > 10  # both were tried
     assert await budgets.take(KEY, 0.0) is not None and local.take(0.0) is not None
 
 
