@@ -278,7 +278,9 @@ class Forwarder:
             upstream = await self._send(call, token)
         except BaseException:
             if bucket is not None and limiter is not None:
-                await limiter.release(bucket)
+                shared = limiter.release(bucket)
+                if shared is not None:
+                    await shared
             raise
         if bucket is not None and limiter is not None:
             shared = limiter.answered(bucket, upstream.status, upstream.raw_headers)
@@ -324,7 +326,9 @@ class Forwarder:
         upstream.close()  # drop the 401; the replay takes a connection of its own
         call.record.replayed = True
         self.metrics.replays.labels(source.cred.name).inc()
-        replay, _ = await self._attempt(call, fresh)
+        # With the set's token as it is once budget allows: the one just fetched, unless
+        # a long wait for budget saw it renewed (sent as it was, it could have expired).
+        replay, _ = await self._attempt(call, None)
         return replay
 
     async def _relay(self, request: web.BaseRequest, upstream: Response,

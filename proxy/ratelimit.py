@@ -196,6 +196,10 @@ class RateLimiter:
         """bol answered a request that had budget: its headers (and a 429) teach the
         bucket, and the next in line may go. Done here at once when this process counts
         (None); an awaitable when the count is shared (Redis)."""
+        if status == 401:
+            # Refused at the door (a token bol no longer takes): not a request that
+            # counted, nor a word about the endpoint's budget.
+            return self.release(key)
         told = read_told(status, raw_headers, self._wall())
         if told.refused and self._metrics is not None:
             self._metrics.refused_by_bol(key[0], key[1])
@@ -217,12 +221,18 @@ class RateLimiter:
             return False
         return self.local.take(key, self.now()) is None
 
-    async def release(self, key: Key) -> None:
-        """A request that had budget never reached bol (no token, the tool left)."""
-        if self.shared is None:
-            self.local.release(key, self.now())
-        else:
-            await self.shared.release(key, self.now())
+    def release(self, key: Key) -> Awaitable[None] | None:
+        """A request that had budget never reached bol (no token, the tool left): done
+        at once when this process counts (None), an awaitable when Redis counts."""
+        if self.shared is not None:
+            return self._release_shared(key)
+        self.local.release(key, self.now())
+        self._admit(key)
+        return None
+
+    async def _release_shared(self, key: Key) -> None:
+        assert self.shared is not None
+        await self.shared.release(key, self.now())
         self._admit(key)
 
     def stop_waiting_at(self, moment: float) -> None:

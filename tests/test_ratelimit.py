@@ -14,10 +14,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy.app import ProxyServer
 from proxy.config import validate
-from proxy.demo import FakeBol
+from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, FakeBol, start_fake
 from tests.conftest import FakeClock, StartProxy, base_config, settle, wait_until
 from tests.metered import Metered
 
@@ -254,3 +255,63 @@ async def test_requests_waiting_for_budget_at_shutdown_are_answered_429_at_once(
     assert status == 429 and headers["Retry-After"] == "30"
     await stopping
     assert orders.methods == ["GET"]
+
+
+async def test_a_401_gives_its_budget_back_and_teaches_the_bucket_nothing(
+    metered_proxy: Start, http: aiohttp.ClientSession, clock: FakeClock,
+    bol: tuple[FakeBol, str],
+) -> None:
+    fake, _ = bol
+    orders = Metered(clock, limit=2, window=60)
+    server, base = await metered_proxy({ORDERS: orders})
+    assert (await get(http, base + ORDERS))[0] == 200  # one of two left
+    fake.revoke_all()  # bol refuses the token at the door; the replay gets a new one
+    assert (await get(http, base + ORDERS))[0] == 200
+    assert orders.served == 2 and orders.refused == 0
+    bucket = server.limiter.local.get(("seta", f"GET {ORDERS}"))
+    assert bucket is not None and bucket.limit == 2 and bucket.in_flight == 0
+
+
+class HeldLogin(FakeBol):
+    """bol whose token endpoint answers only once the test lets it (``hold``)."""
+
+    hold: asyncio.Event | None = None
+    held = 0  # token requests that came while held
+
+    async def token(self, request: web.Request) -> web.Response:
+        if self.hold is not None:
+            self.held += 1
+            await self.hold.wait()
+        return await super().token(request)
+
+
+async def test_a_replay_that_waits_long_for_budget_goes_with_the_token_current_then(
+    start_proxy: StartProxy, http: aiohttp.ClientSession, clock: FakeClock,
+) -> None:
+    fake = HeldLogin(clients={DEMO_CLIENT_ID: DEMO_CLIENT_SECRET}, ttl=30, clock=clock.wall)
+    runner, url = await start_fake(fake)
+    try:
+        orders = Metered(clock, limit=2, window=60)
+        fake.extra[ORDERS] = orders
+        raw = base_config(url, rate_limits={"max_wait": 120})
+        del raw["credentials"]["setb"]
+        server = await start_proxy(raw, clock=clock)
+        base = f"http://127.0.0.1:{server.port()}"
+        assert (await get(http, base + ORDERS))[0] == 200  # one of two left
+        fake.revoke_all()
+        fake.hold = asyncio.Event()
+        replayed = spawn(get(http, base + ORDERS))  # 401, then its renewal is held
+        await wait_until(lambda: fake.held == 1)
+        other = spawn(get(http, base + ORDERS))  # takes the budget the 401 gave back...
+        await wait_until(lambda: orders.served == 1 and server.limiter.local.get(
+            ("seta", f"GET {ORDERS}")).in_flight == 1)  # type: ignore[union-attr]
+        fake.hold.set()  # ...and waits for the same renewal
+        fake.hold = None
+        assert (await other)[0] == 200
+        await wait_until(lambda: waiting(server) == 1)  # the replay waits for the window
+        for _ in range(6):
+            await clock.advance(10)  # the token renews meanwhile, every 15 s
+        assert (await replayed)[0] == 200
+        assert fake.expired_seen == 0  # the replay did not go with the token of t=0
+    finally:
+        await runner.cleanup()
