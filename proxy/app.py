@@ -136,7 +136,7 @@ class ProxyServer:
         self._runner = web.ServerRunner(server, shutdown_timeout=CANCEL_GRACE)
         await self._runner.setup()
         self.listeners = Listeners(self._runner, server)
-        local = LocalBudgets()
+        local = LocalBudgets(self.metrics.forget_bucket)
         self.limiter = RateLimiter(local, clock, clock.wall, self.metrics,
                                    self._shared_count(config, local))
         self.forwarder = Forwarder(Settings.from_config(config), self.tokens,

@@ -29,7 +29,8 @@ from __future__ import annotations
 import email.utils
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import NamedTuple, Protocol
@@ -44,7 +45,7 @@ EPOCH_MILLISECONDS = 1e12
 FIRST_BACKOFF = 1.0  # seconds a 429 without Retry-After or reset blocks its bucket
 MAX_BACKOFF = 60.0
 IDLE_BUCKET = 600.0  # seconds a bucket with nothing under way is kept after its reset
-MAX_BUCKETS = 10_000  # per store; beyond it, idle buckets are dropped at once
+MAX_BUCKETS_PER_SET = 256  # bol has about a hundred endpoints (paths and methods)
 
 
 def bucket_of(method: str, path: str) -> str:
@@ -307,19 +308,31 @@ class SharedCount(Protocol):
 
 
 class LocalBudgets:
-    """The buckets of this process, in memory; idle ones are dropped."""
+    """The buckets of this process, in memory, at most ``MAX_BUCKETS_PER_SET`` a set:
+    beyond, the least recently used one with nothing under way makes room (made-up paths
+    cannot grow memory, and cost real endpoints at most a relearned budget). Idle
+    buckets are dropped too. ``on_drop`` hears of every bucket dropped."""
 
-    def __init__(self) -> None:
-        self._buckets: dict[Key, Bucket] = {}
+    def __init__(self, on_drop: Callable[[Key], None] | None = None) -> None:
+        self._sets: dict[str, OrderedDict[str, Bucket]] = {}
+        self._on_drop = on_drop
         self._created = 0
 
     def bucket(self, key: Key, now: float) -> Bucket:
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            self._created += 1
-            if self._created % 256 == 0 or len(self._buckets) >= MAX_BUCKETS:
-                self._sweep(now)
-            bucket = self._buckets[key] = Bucket(last_used=now)
+        set_name, name = key
+        buckets = self._sets.get(set_name)
+        if buckets is None:
+            buckets = self._sets[set_name] = OrderedDict()
+        bucket = buckets.get(name)
+        if bucket is not None:
+            buckets.move_to_end(name)  # most recently used last
+            return bucket
+        self._created += 1
+        if self._created % 256 == 0:
+            self._sweep(now)
+        if len(buckets) >= MAX_BUCKETS_PER_SET:
+            self._make_room(set_name, buckets)
+        bucket = buckets[name] = Bucket(last_used=now)
         return bucket
 
     def take(self, key: Key, now: float) -> float | None:
@@ -332,37 +345,52 @@ class LocalBudgets:
 
     def release(self, key: Key, now: float) -> None:
         """A request that was let go never reached bol."""
-        bucket = self._buckets.get(key)
+        bucket = self.get(key)
         if bucket is not None:
             bucket.release(now)
 
     def estimate(self, key: Key, ahead: int, now: float) -> float:
         """Seconds a request with ``ahead`` requests before it would wait (a guess)."""
-        bucket = self._buckets.get(key)
+        bucket = self.get(key)
         return 0.0 if bucket is None else bucket.estimate(ahead, now)
 
     def get(self, key: Key) -> Bucket | None:
-        return self._buckets.get(key)
+        buckets = self._sets.get(key[0])
+        return None if buckets is None else buckets.get(key[1])
 
     def snapshot(self, now: float) -> Iterator[Snapshot]:
         """Every bucket, for operators."""
-        for key, bucket in list(self._buckets.items()):
-            yield bucket.snapshot(key, now)
+        for set_name, buckets in list(self._sets.items()):
+            for name, bucket in list(buckets.items()):
+                yield bucket.snapshot((set_name, name), now)
 
     def peek(self, key: Key, now: float) -> Snapshot | None:
         """One bucket, if it is known."""
-        bucket = self._buckets.get(key)
+        bucket = self.get(key)
         return None if bucket is None else bucket.snapshot(key, now)
 
     def forget(self, set_names: Iterable[str]) -> None:
         """Drop the buckets of sets that were removed or changed."""
-        gone = set(set_names)
-        for key in [k for k in self._buckets if k[0] in gone]:
-            del self._buckets[key]
+        for set_name in set_names:
+            for name in self._sets.pop(set_name, {}):
+                self._dropped((set_name, name))
 
     def __len__(self) -> int:
-        return len(self._buckets)
+        return sum(len(buckets) for buckets in self._sets.values())
+
+    def _make_room(self, set_name: str, buckets: OrderedDict[str, Bucket]) -> None:
+        for name, bucket in buckets.items():  # the least recently used first
+            if bucket.in_flight == 0:
+                del buckets[name]
+                self._dropped((set_name, name))
+                return
 
     def _sweep(self, now: float) -> None:
-        for key in [k for k, b in self._buckets.items() if b.idle(now)]:
-            del self._buckets[key]
+        for set_name, buckets in self._sets.items():
+            for name in [n for n, b in buckets.items() if b.idle(now)]:
+                del buckets[name]
+                self._dropped((set_name, name))
+
+    def _dropped(self, key: Key) -> None:
+        if self._on_drop is not None:
+            self._on_drop(key)

@@ -15,6 +15,7 @@ cost a few percent of the proxy's throughput. Everything rarer uses them directl
 from __future__ import annotations
 
 import collections
+import contextlib
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
@@ -36,7 +37,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .budgets import Snapshot
+from .budgets import MAX_BUCKETS_PER_SET, Key, Snapshot
 from .tokens import TokenSource
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created doubles every scrape
 
-MAX_BUCKET_LABELS = 200  # endpoints of one set with metrics of their own
+MAX_BUCKET_LABELS = MAX_BUCKETS_PER_SET  # every bucket kept can have its own
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -122,6 +123,17 @@ class Metrics:
             return "other"
         known.add(bucket)
         return bucket
+
+    def forget_bucket(self, key: Key) -> None:
+        """A bucket was dropped: its label slot and its series go with it."""
+        set_name, bucket = key
+        labels = self._bucket_labels.get(set_name)
+        if labels is None or bucket not in labels:
+            return
+        labels.discard(bucket)
+        for metric in (self.rate_limit_waits, self.rate_limit_refusals, self.upstream_429s):
+            with contextlib.suppress(KeyError):
+                metric.remove(set_name, bucket)
 
     def waited(self, set_name: str, bucket: str, seconds: float) -> None:
         self.rate_limit_waits.labels(set_name, self.bucket_label(set_name, bucket)).observe(

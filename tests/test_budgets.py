@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from proxy.budgets import (
     IDLE_BUCKET,
-    MAX_BUCKETS,
+    MAX_BUCKETS_PER_SET,
     Bucket,
+    Key,
     LocalBudgets,
     Told,
     bucket_of,
@@ -220,17 +221,40 @@ def test_a_bucket_never_lets_more_go_than_bol_said_remains(
 # ------------------------------------------------------------------- the store
 
 
-def test_idle_buckets_are_dropped_and_the_store_stays_bounded() -> None:
+def test_a_set_keeps_at_most_its_share_of_buckets_the_least_recently_used_making_room(
+) -> None:
+    dropped: list[Key] = []
+    store = LocalBudgets(dropped.append)
+    real = ("seta", "GET /retailer/orders")
+    for i in range(3 * MAX_BUCKETS_PER_SET):
+        store.take(real, 0.0)  # a real endpoint, used all along
+        store.learn(real, Told(10, 9, 1.0), 0.0)
+        made_up = ("seta", f"GET /retailer/x{i}")
+        assert store.take(made_up, 0.0) is None
+        store.learn(made_up, Told(), 0.0)  # bol's 404
+    assert len(store) == MAX_BUCKETS_PER_SET
+    bucket = store.get(real)
+    assert bucket is not None and bucket.limit == 10  # still there, with what bol taught it
+    assert len(dropped) == 2 * MAX_BUCKETS_PER_SET + 1
+
+
+def test_a_bucket_with_requests_under_way_is_not_the_one_that_makes_room() -> None:
     store = LocalBudgets()
-    for i in range(MAX_BUCKETS + 10):
-        key = ("seta", f"GET /retailer/x{i}")
-        assert store.take(key, 0.0) is None
-        store.learn(key, Told(10, 9, 1.0), 0.0)
-    assert len(store) <= MAX_BUCKETS + 10
-    store.take(("seta", "GET /retailer/late"), IDLE_BUCKET + 2)
+    first = ("seta", "GET /retailer/first")
+    store.take(first, 0.0)  # under way, never answered
+    for i in range(MAX_BUCKETS_PER_SET + 5):
+        store.take(("seta", f"GET /retailer/y{i}"), 0.0)
+        store.learn(("seta", f"GET /retailer/y{i}"), Told(), 0.0)
+    assert store.get(first) is not None
+
+
+def test_idle_buckets_are_dropped() -> None:
+    store = LocalBudgets()
+    store.take(("seta", "GET /retailer/orders"), 0.0)
+    store.learn(("seta", "GET /retailer/orders"), Told(10, 9, 1.0), 0.0)
     for i in range(300):  # creations sweep idle buckets from time to time
-        store.take(("seta", f"GET /retailer/y{i}"), IDLE_BUCKET + 2)
-    assert len(store) <= 301
+        store.take(("setb", f"GET /retailer/y{i}"), IDLE_BUCKET + 2)
+    assert store.get(("seta", "GET /retailer/orders")) is None
 
 
 def test_a_forgotten_set_loses_its_buckets() -> None:

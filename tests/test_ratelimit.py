@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from proxy.app import ProxyServer
+from proxy.budgets import MAX_BUCKETS_PER_SET
 from proxy.config import validate
 from proxy.demo import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, FakeBol, start_fake
 from tests.conftest import FakeClock, StartProxy, base_config, settle, wait_until
@@ -315,3 +316,19 @@ async def test_a_replay_that_waits_long_for_budget_goes_with_the_token_current_t
         assert fake.expired_seen == 0  # the replay did not go with the token of t=0
     finally:
         await runner.cleanup()
+
+
+async def test_made_up_paths_cannot_crowd_a_real_endpoint_out_of_the_buckets_or_metrics(
+    bol: tuple[FakeBol, str], start_proxy: StartProxy, http: aiohttp.ClientSession,
+) -> None:
+    _, url = bol
+    server = await start_proxy(base_config(url))
+    base = f"http://127.0.0.1:{server.port()}"
+    for i in range(300):  # lowercase words: each one an endpoint of its own
+        word = "".join(chr(ord("a") + int(d)) for d in f"{i:03d}")
+        assert (await get(http, f"{base}/retailer/made-up-{word}"))[0] == 404
+    assert (await get(http, base + ORDERS))[0] == 200
+    assert len(server.limiter.local) <= MAX_BUCKETS_PER_SET
+    async with http.get(base + "/_proxy/metrics") as resp:
+        text = await resp.text()
+    assert 'bol_proxy_rate_limit_limit{bucket="GET /retailer/orders",set="seta"}' in text
