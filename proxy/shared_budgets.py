@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
+from typing import Any
 
 from .budgets import FIRST_BACKOFF, IDLE_BUCKET, MAX_BACKOFF, Key, LocalBudgets, Told
 from .config import CredentialSet
 from .shared import SharedStateDown, SharedStore
 
 POLL = 0.25  # seconds between questions to Redis while a bucket's answers are awaited
+UNDER_WAY_AT_MOST = 60.0  # seconds a request counts as under way in Redis
 UNTIL_TOLD = -1  # a script's "wait for an answer" (math.inf here)
 
 # Every script: KEYS[1] the bucket's hash, KEYS[2] its requests under way (a sorted set).
@@ -140,15 +142,26 @@ def _ms(seconds: float | None) -> str:
 
 class SharedBudgets:
     """A :class:`~proxy.budgets.SharedCount` in Redis; ``local`` mirrors what it says,
-    and counts alone while Redis is down."""
+    and counts alone while Redis is down.
+
+    Each request let go is an *admission* of this replica: a ticket in Redis, or None
+    when this replica's own count let it go (Redis down). A ticket whose fate is unknown
+    (its script timed out, or the tool left while Redis worked) is an *orphan*, removed
+    from Redis as soon as Redis answers again: it must not hold budget for every
+    replica until it expires. The fallback counts this replica's own admissions only:
+    the mirror's count of requests under way is every replica's, and the others'
+    answers never come here."""
 
     def __init__(self, store: SharedStore, sets: Iterable[CredentialSet],
                  under_way_for: float, local: LocalBudgets) -> None:
         self._store = store
         self._groups = {cred.name: _group(cred) for cred in sets}
-        self._under_way_ms = _ms(under_way_for)  # a request counts at most this long
+        # A request counts until bol's answer, at most this long (a dead replica's or
+        # a lost ticket's budget returns by itself).
+        self._under_way_ms = _ms(min(under_way_for, UNDER_WAY_AT_MOST))
         self.local = local
-        self._tickets: dict[Key, list[str]] = {}  # requests under way, let go via Redis
+        self._admissions: dict[Key, list[str | None]] = {}  # this replica's, under way
+        self._orphans: set[tuple[Key, str]] = set()
 
     def follow(self, sets: Iterable[CredentialSet]) -> None:
         """A reload: the sets now configured."""
@@ -161,24 +174,39 @@ class SharedBudgets:
         return [tag + ":state", tag + ":under-way"]
 
     async def take(self, key: Key, now: float) -> float | None:
+        if self._store.up and self._orphans:
+            await self._bury_orphans()
         if not self._store.up:
-            return self.local.take(key, now)
+            return self._take_here(key, now)
         ticket = secrets.token_hex(8)
         script = self._store.script(_TAKE)
         try:
             answer = await self._store.run(partial(
                 script, self._keys(key), [ticket, self._under_way_ms, _ms(IDLE_BUCKET)]))
         except SharedStateDown:
-            return self.local.take(key, now)
+            self._orphans.add((key, ticket))  # the script may have run before the timeout
+            return self._take_here(key, now)
+        except BaseException:
+            self._orphans.add((key, ticket))  # the tool left while Redis worked
+            raise
         admitted, wait = self._mirror(key, answer, now)
         if admitted:
-            self._tickets.setdefault(key, []).append(ticket)
+            self._admissions.setdefault(key, []).append(ticket)
             return None
         # Until told: another replica's answer may free budget, and it cannot wake us.
         return now + (POLL if wait is None else wait)
 
+    def _take_here(self, key: Key, now: float) -> float | None:
+        """This replica's own count, while Redis cannot be asked."""
+        bucket = self.local.bucket(key, now)
+        bucket.in_flight = len(self._admissions.get(key, ()))  # its own requests only
+        when = bucket.take(now)
+        if when is None:
+            self._admissions.setdefault(key, []).append(None)
+        return when
+
     async def learn(self, key: Key, told: Told, now: float) -> None:
-        ticket = self._ticket(key)
+        ticket = self._admitted(key)
         if ticket is None:  # let go by this replica's own count (Redis was down)
             self.local.learn(key, told, now)
             return
@@ -187,32 +215,52 @@ class SharedBudgets:
                 "" if told.remaining is None else str(told.remaining), _ms(told.reset_in),
                 _ms(told.retry_after), "1" if told.refused else "0", _ms(FIRST_BACKOFF),
                 _ms(MAX_BACKOFF), _ms(IDLE_BUCKET)]
-        try:
-            answer = await self._store.run(partial(script, self._keys(key), args))
-        except SharedStateDown:
-            self.local.learn(key, told, now)  # the ticket ends by itself in Redis
-            return
-        self._mirror(key, answer, now)
+        answer = await self._run_with(ticket, key, partial(script, self._keys(key), args))
+        if answer is None:
+            self.local.learn(key, told, now)
+        else:
+            self._mirror(key, answer, now)
 
     async def release(self, key: Key, now: float) -> None:
-        ticket = self._ticket(key)
+        ticket = self._admitted(key)
         if ticket is None:
             self.local.release(key, now)
             return
-        try:
-            answer = await self._store.run(partial(self._store.script(_RELEASE),
-                                                   self._keys(key), [ticket]))
-        except SharedStateDown:
-            return
-        self._mirror(key, answer, now)
+        answer = await self._run_with(ticket, key, partial(self._store.script(_RELEASE),
+                                                           self._keys(key), [ticket]))
+        if answer is not None:
+            self._mirror(key, answer, now)
 
-    def _ticket(self, key: Key) -> str | None:
-        tickets = self._tickets.get(key)
-        if not tickets:
+    async def _run_with(self, ticket: str, key: Key,
+                        operation: Callable[[Any], Awaitable[list[int]]]) -> list[int] | None:
+        """Run a script that ends ``ticket``; if it cannot be known to have run, the
+        ticket becomes an orphan (removed once Redis answers)."""
+        try:
+            return await self._store.run(operation)
+        except SharedStateDown:
+            self._orphans.add((key, ticket))
             return None
-        ticket = tickets.pop()
-        if not tickets:
-            del self._tickets[key]
+        except BaseException:
+            self._orphans.add((key, ticket))
+            raise
+
+    async def _bury_orphans(self) -> None:
+        release = self._store.script(_RELEASE)
+        for key, ticket in list(self._orphans):
+            try:
+                await self._store.run(partial(release, self._keys(key), [ticket]))
+            except SharedStateDown:
+                return  # down again: the next recovery tries again
+            self._orphans.discard((key, ticket))
+
+    def _admitted(self, key: Key) -> str | None:
+        """One of this replica's admissions for ``key`` ends: its ticket, if any."""
+        admissions = self._admissions.get(key)
+        if not admissions:
+            return None
+        ticket = admissions.pop()
+        if not admissions:
+            del self._admissions[key]
         return ticket
 
     def _mirror(self, key: Key, answer: list[int], now: float) -> tuple[bool, float | None]:
@@ -224,7 +272,7 @@ class SharedBudgets:
         bucket.remaining = None if remaining < 0 else remaining
         bucket.reset_at = None if reset_in < 0 else now + reset_in / 1000
         bucket.blocked_until = now + blocked / 1000 if blocked else 0.0
-        bucket.in_flight = under_way
+        bucket.in_flight = under_way  # every replica's: for estimates (see _take_here)
         bucket.answered = bool(answered)
         bucket.window = window / 1000
         bucket.last_used = now
@@ -232,10 +280,12 @@ class SharedBudgets:
 
     def forget(self, set_names: Iterable[str]) -> None:
         """This replica's part only: the buckets in Redis belong to every replica, and
-        expire by themselves once idle."""
+        expire by themselves once idle. Its tickets there are orphans now."""
         gone = set(set_names)
-        for key in [k for k in self._tickets if k[0] in gone]:
-            del self._tickets[key]
+        for key in [k for k in self._admissions if k[0] in gone]:
+            for ticket in self._admissions.pop(key):
+                if ticket is not None:
+                    self._orphans.add((key, ticket))
 
 
 def _group(cred: CredentialSet) -> str:

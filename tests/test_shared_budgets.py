@@ -139,3 +139,57 @@ async def test_with_redis_frozen_each_replica_counts_the_budget_alone(
     await wait_until(lambda: shared.up, within=5)
 
 
+
+
+async def under_way(redis_server: RedisServer, budgets: SharedBudgets) -> int:
+    client = redis_server.client()
+    try:
+        return int(await client.zcard(budgets._keys(KEY)[1]))
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def two_replicas(redis_server: RedisServer) -> AsyncIterator[tuple[SharedStore,
+                                                                         SharedBudgets,
+                                                                         SharedBudgets]]:
+    stores = [SharedStore(SharedState(Secret(redis_server.url), "test:")) for _ in range(2)]
+    for store in stores:
+        await store.start()
+    yield (stores[0], SharedBudgets(stores[0], [CRED], 60, LocalBudgets()),
+           SharedBudgets(stores[1], [CRED], 60, LocalBudgets()))
+    for store in stores:
+        await store.close()
+
+
+async def test_a_ticket_taken_while_redis_froze_is_removed_once_it_answers(
+    two_replicas: tuple[SharedStore, SharedBudgets, SharedBudgets],
+    redis_server: RedisServer,
+) -> None:
+    store, mine, _ = two_replicas
+    redis_server.freeze()
+    try:
+        assert await mine.take(KEY, 0.0) is None  # timed out: this replica's own count
+    finally:
+        redis_server.resume()  # Redis now runs the queued script: a ticket nobody holds
+    await wait_until(lambda: store.up, within=5)
+    await mine.learn(KEY, Told(10, 9, 100.0), 0.0)  # the request let go here answers
+    assert await mine.take(KEY, 0.0) is None  # Redis again: the orphan goes first
+    assert await under_way(redis_server, mine) == 1  # only the request just let go
+
+
+async def test_while_redis_is_down_a_replica_counts_only_its_own_requests(
+    two_replicas: tuple[SharedStore, SharedBudgets, SharedBudgets],
+    redis_server: RedisServer,
+) -> None:
+    _, mine, other = two_replicas
+    assert await other.take(KEY, 0.0) is None  # another replica's first request, unanswered
+    assert await mine.take(KEY, 0.0) == POLL  # in Redis: wait for that answer
+    redis_server.freeze()
+    try:
+        # Alone now, this replica cannot hear the other's answer: its own count decides.
+        assert await mine.take(KEY, 0.0) is None
+        await mine.learn(KEY, Told(10, 9, 100.0), 0.0)
+        assert await mine.take(KEY, 0.0) is None
+    finally:
+        redis_server.resume()
