@@ -1,6 +1,7 @@
 # bol-proxy as a sidecar image: multi-stage, unprivileged, health-checked.
 #   docker build -t bol-proxy .
-#   docker run -p 8080:8080 -e BOL_CLIENT_ID=... -e BOL_CLIENT_SECRET=... bol-proxy
+#   docker run -p 127.0.0.1:8080:8080 -e BOL_CLIENT_ID=... -e BOL_CLIENT_SECRET=... bol-proxy
+#   (publish on loopback only: whoever reaches the proxy spends its credentials)
 
 # --- build: a wheel of the project, installed with its dependencies into a venv
 FROM python:3.12-slim AS build

@@ -22,7 +22,7 @@ from proxy import config as configuration
 from proxy.app import ProxyServer
 from proxy.config import Config, Listen, plural
 from proxy.errors import ConfigError, ConfigFileError, StartupError
-from proxy.listeners import PortInUse
+from proxy.listeners import CannotListen
 
 log = logging.getLogger("proxy")
 
@@ -67,7 +67,11 @@ def parser() -> argparse.ArgumentParser:
                                  default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="{demo,authorize}")
     demo = sub.add_parser("demo", parents=[logging_options],
-                          help="run against a built-in imitation of bol.com")
+                          help="run against a built-in imitation of bol.com",
+                          description="Run the proxy in front of a built-in imitation of "
+                                      "login.bol.com and api.bol.com: no credentials and no "
+                                      "network needed. It stays in the foreground and prints "
+                                      "what to try; Ctrl-C stops it.")
     demo.add_argument("--port", type=int, dest="demo_port", metavar="PORT",
                       help="port of the demo proxy (default: 8080)")
     demo.add_argument("--bol-port", type=int, metavar="PORT", default=0,
@@ -92,11 +96,19 @@ def config_loader(args: argparse.Namespace) -> Callable[[], Config]:
         # Validated like listen.port; unchecked, bind() fails with a traceback.
         raise ConfigError(f"--port: must be between 0 and 65535, got {args.port}")
 
+    loads = 0
+
     def load() -> Config:
+        nonlocal loads
+        loads += 1
         config = configuration.load(path)
         if args.host or args.port is not None:
             listen = Listen(args.host or config.listen.host,
                             config.listen.port if args.port is None else args.port)
+            if loads > 1 and listen != config.listen:
+                # A reload: an edited listen in the file would otherwise seem ignored.
+                log.info("--host/--port still override listen of %s (%s:%d there)",
+                         config.source, config.listen.host, config.listen.port)
             configuration.check_ports(listen, config.credentials)
             config = replace(config, listen=listen)
         return config
@@ -120,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return authorize(config_loader(args)(), args.set, args.code)
         load = config_loader(args)
         config = load()
+        if not args.check:
+            for warning in configuration.warnings(config):
+                log.warning("%s", warning)
         if args.check:
             try:
                 for line in configuration.summary(config):
@@ -163,8 +178,8 @@ async def serve(config: Config, load: Callable[[], Config]) -> int:
     server = ProxyServer(config)
     try:
         await server.start()
-    except OSError as exc:  # PortInUse names the port and whose it is
-        raise StartupError(str(exc) if isinstance(exc, PortInUse) else
+    except OSError as exc:  # CannotListen names the port and whose it is
+        raise StartupError(str(exc) if isinstance(exc, CannotListen) else
                            f"cannot start: {exc.strerror or exc}") from None
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -179,7 +194,8 @@ async def serve(config: Config, load: Callable[[], Config]) -> int:
     log.info("bol-proxy listening on %s (%s, default: %s; %s)",
              ", ".join(server.listeners.addresses()),
              plural(len(config.credentials), "credential set"),
-             config.default_credentials, type(asyncio.get_running_loop()).__module__)
+             config.default_credentials or "none",
+             type(asyncio.get_running_loop()).__module__)
     async with asyncio.TaskGroup() as group:
         watcher = group.create_task(_reload_on_signal(server, reloads, load))
         await stop.wait()

@@ -107,7 +107,7 @@ class ProxyServer:
         logs.quiet_malformed_requests()
 
     async def start(self) -> None:
-        """Open the resources and every listener; raises :class:`PortInUse` (an
+        """Open the resources and every listener; raises :class:`CannotListen` (an
         ``OSError``) naming the port and whose it is if one cannot be opened."""
         check_aiohttp()
         config, clock = self.config, self._clock
@@ -117,7 +117,10 @@ class ProxyServer:
         if config.shared_state.enabled:
             from .shared import SharedStore
 
-            self.shared = SharedStore(config.shared_state, clock, self.metrics.shared_error)
+            rotations = any(cred.grant == "refresh_token"
+                            for cred in config.credentials.values())
+            self.shared = SharedStore(config.shared_state, clock, self.metrics.shared_error,
+                                      rotations=rotations)
             await self.shared.start()  # if Redis is down, the proxy starts all the same
         self.tokens = Tokens(config, self._obtainer, clock, self._rand,
                              self.metrics.token_fetched,
@@ -243,7 +246,7 @@ class ProxyServer:
         try:
             opened, closed = await self.listeners.open(config)
         except OSError as exc:
-            raise ConfigError(f"reload: {exc}") from exc
+            raise ConfigError(str(exc)) from exc
         self.token_client.url = config.upstream.token_url
         old_up, new_up = self.config.upstream, config.upstream
         if (old_up.api_url, old_up.connect_timeout) != (new_up.api_url, new_up.connect_timeout):

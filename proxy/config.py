@@ -454,9 +454,12 @@ def _url(s: _Section, name: str, default: str) -> str:
         # Never echoed: the part before '@' is a user name and password.
         raise ConfigError(f"{s.key(name)}: credentials in the URL are not supported; "
                           "configure them as a credential set")
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise ConfigError(
-            f"{s.key(name)}: expected an http(s) URL without query, got {_show(value)}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{s.key(name)}: expected a URL starting with https:// (or "
+                          f"http://), got {_show(value)}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{s.key(name)}: expected a URL without query or fragment, got "
+                          f"{_show(value)}")
     return value.rstrip("/")
 
 
@@ -649,7 +652,7 @@ def summary(config: Config) -> Iterator[str]:
         yield (f"shared state: {masked_url(shared.redis_url.reveal())}, "
                f"key prefix {shared.key_prefix!r}")
     yield (f"{plural(len(config.credentials), 'credential set')} "
-           f"(default: {config.default_credentials})")
+           f"(default: {config.default_credentials or 'none'})")
     shown: Callable[[CredentialSet], str] = lambda c: (  # noqa: E731
         f"  {c.name}: client_id {c.client_id}, client_secret ********, grant {c.grant}, "
         f"{'prefetch' if c.prefetch else 'on demand'}"
@@ -660,7 +663,23 @@ def summary(config: Config) -> Iterator[str]:
         yield shown(cred)
     if len(config.credentials) > 50:
         yield f"  ... and {len(config.credentials) - 50} more"
+    for warning in warnings(config):
+        yield f"warning: {warning}"
     yield from pointing_a_tool(config)
+
+
+def warnings(config: Config) -> list[str]:
+    """What is valid but probably not meant (for --check and the start-up log)."""
+    said = []
+    for key in ("api_url", "token_url"):
+        parts = urlsplit(getattr(config.upstream, key))
+        if parts.scheme == "http" and (parts.hostname or "") not in _LOOPBACK:
+            said.append(f"upstream.{key} is plain http to a remote host: client secrets "
+                        "and tokens would cross the network unencrypted")
+    return said
+
+
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def pointing_a_tool(config: Config) -> Iterator[str]:
@@ -668,8 +687,12 @@ def pointing_a_tool(config: Config) -> Iterator[str]:
     host = config.listen.host if config.listen.host not in ("0.0.0.0", "::") else "127.0.0.1"
     base = f"http://{host}:{config.listen.port}"
     example = config.default_credentials or next(iter(config.credentials))
-    yield (f"point tools at {base} instead of https://api.bol.com "
-           f"(or at {base}/{example} for set {example})")
+    if config.default_credentials:
+        yield (f"point tools at {base} instead of https://api.bol.com "
+               f"(or at {base}/{example} for set {example})")
+    else:  # a request must name its set
+        yield (f"point tools at {base}/<set> instead of https://api.bol.com (e.g. "
+               f"{base}/{example}), or send X-Bol-Credentials: <set>: there is no default set")
     yield (f"tools that log in themselves: login URL {base}/token, client id = a set's name "
            f"(e.g. {example}), any secret")
 

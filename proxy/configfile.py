@@ -118,7 +118,16 @@ def describe(exc: yaml.YAMLError, text: str) -> str:
     problem = " ".join(_QUOTED.sub(_quoted, problem).split())[:200]
     if mark is None:
         return problem
+    if "'}'" in problem and "${" in _line(text, mark.line):
+        # {client_id: ${ACME_ID}}: in a { } mapping, "{" of "${" opens another one.
+        problem += " (inside { }, put a value that holds ${...} in quotes)"
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def _line(text: str, number: int) -> str:
+    """Line ``number`` (0-based) of ``text``; only looked at, never shown."""
+    lines = text.splitlines()
+    return lines[number] if 0 <= number < len(lines) else ""
 
 
 def _quoted(match: re.Match[str]) -> str:

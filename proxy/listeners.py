@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterable
 
 from aiohttp import web
@@ -25,8 +26,8 @@ log = logging.getLogger("proxy")
 Address = tuple[str, int]  # (host, configured port); port 0 asks for any free port
 
 
-class PortInUse(OSError):
-    """A configured port could not be opened; says which one and whose it is."""
+class CannotListen(OSError):
+    """A configured address could not be listened on; says which one and whose it is."""
 
     def __init__(self, host: str, port: int, owner: str, reason: str) -> None:
         super().__init__(f"cannot listen on {host}:{port} ({owner}): {reason}")
@@ -36,9 +37,12 @@ class PortInUse(OSError):
 
 
 def bind_failure(exc: OSError) -> str:
-    """Why a port could not be opened, in the system's words (asyncio words its own)."""
-    if isinstance(exc, PortInUse):
+    """Why an address could not be listened on, in the system's words (asyncio words
+    its own, and a name lookup's code is not an errno)."""
+    if isinstance(exc, CannotListen):
         return exc.reason
+    if isinstance(exc, socket.gaierror):
+        return f"the host name does not resolve ({exc.strerror})"
     return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
@@ -67,7 +71,7 @@ class Listeners:
         """Listen where ``config`` wants and stop listening elsewhere; returns the ports
         opened and closed. With ``publish`` (at start) each new port gets its role as
         soon as it listens; a reload publishes all roles at once with :meth:`publish`,
-        when its other settings apply. Raises :class:`PortInUse` and closes what it
+        when its other settings apply. Raises :class:`CannotListen` and closes what it
         opened if any port cannot be opened."""
         host = config.listen.host
         dedicated = config.dedicated_ports()
@@ -81,7 +85,9 @@ class Listeners:
                 except OSError as exc:
                     owner = (f"the dedicated port of set '{dedicated[address[1]]}'"
                              if address[1] in dedicated else "listen.port")
-                    raise PortInUse(host, address[1], owner, bind_failure(exc)) from None
+                    if isinstance(exc, socket.gaierror):
+                        owner = "listen.host"  # a name that does not resolve
+                    raise CannotListen(host, address[1], owner, bind_failure(exc)) from None
                 self._sites[address] = site
                 opened.append(address)
                 if publish:

@@ -48,7 +48,11 @@ class Route:
 
 def check_target(target: str) -> tuple[str, str]:
     """Validate a raw request target; return (path, rest) where rest is ``?query`` or ''."""
-    if not target.startswith("/") or target.startswith("//"):
+    if target.startswith("//"):
+        # Mostly a tool's base URL that ends in "/": http://127.0.0.1:8080/ + /retailer.
+        raise BadRequest("the path starts with // (a base URL that ends in '/'?): only "
+                         "origin-form targets (/path?query) are accepted")
+    if not target.startswith("/"):
         raise BadRequest("only origin-form request targets (/path?query) are accepted")
     if _NOT_VISIBLE.search(target):
         raise BadRequest("the request target holds a space, control or non-ASCII byte")

@@ -123,7 +123,7 @@ class SharedStore:
 
     def __init__(self, settings: SharedState, clock: Clock | None = None,
                  on_error: ErrorObserver | None = None,
-                 client: redis.Redis | None = None) -> None:
+                 client: redis.Redis | None = None, rotations: bool = True) -> None:
         if client is None:
             assert settings.redis_url is not None
             client = connect(settings.redis_url.reveal())
@@ -136,7 +136,9 @@ class SharedStore:
         self._probe_wake = asyncio.Event()
         self._scripts: dict[str, AsyncScript] = {}
         self._orphans: set[tuple[str, str]] = set()  # (lock key, owner) to remove when up
-        self._checked = False
+        # Whether refresh tokens are kept here: only they make Redis's durability matter
+        # (tokens and budgets are rebuilt within a renewal after a loss).
+        self._checked = not rotations
         self._closed = False
 
     def __repr__(self) -> str:

@@ -242,6 +242,8 @@ class StandIn:
             return response
         finally:
             record.settle(response)
+            if isinstance(response, web.Response):
+                record.bytes = response.content_length or 0
             record.write(self._metrics)
 
     async def _answer(self, request: web.BaseRequest, record: AccessRecord

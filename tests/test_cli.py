@@ -475,7 +475,22 @@ async def test_sighup_reload_adds_a_set_and_a_broken_file_keeps_the_running_one(
         assert (await proxy.finish()).status == 0
 
 
-# ------------------------------------------------------------------------------ logs
+async def test_a_reload_says_that_port_still_overrides_an_edited_listen_port(
+    bol: tuple[FakeBol, str], http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    _, url = bol
+    raw = base_config(url)
+    path = write_config(tmp_path / "proxy.yaml", raw)
+    port = free_port()
+    async with started("--config", str(path), "--port", str(port)) as proxy:
+        assert await proxy.port() == port
+        raw["listen"]["port"] = free_port()
+        write_config(path, raw)
+        proxy.send(signal.SIGHUP)
+        await proxy.line("stderr", r"--host/--port still override listen of .*proxy\.yaml")
+        assert (await get(http, f"http://127.0.0.1:{port}/retailer/orders"))[0] == 200
+
+
 # ---------------------------------------------------------------------------- logs
 
 

@@ -21,6 +21,7 @@ from proxy.config import (
     plural,
     summary,
     validate,
+    warnings,
 )
 from proxy.errors import ConfigError, ConfigFileError
 
@@ -896,3 +897,37 @@ def test_zero_config_names_the_redis_variable_in_its_errors() -> None:
         load_env({"BOL_CLIENT_ID": "zid", "BOL_CLIENT_SECRET": SECRET,
                   "BOL_PROXY_REDIS_URL": f"http://:{REDIS_PASSWORD}@redis"})
     assert REDIS_PASSWORD not in str(info.value)
+
+
+def test_check_summary_without_a_default_set_says_to_name_one() -> None:
+    raw = {"credentials": {"shop": {"client_id": "a", "client_secret": SECRET},
+                           "shop2": {"client_id": "b", "client_secret": SECRET}}}
+    text = "\n".join(summary(validate(raw)))
+    assert "2 credential sets (default: none)" in text
+    assert "point tools at http://127.0.0.1:8080/<set>" in text
+    assert "X-Bol-Credentials: <set>: there is no default set" in text
+
+
+def test_a_variable_unquoted_inside_braces_gets_a_hint_to_quote_it(tmp_path: Path) -> None:
+    path = tmp_path / "flow.yaml"
+    path.write_text("credentials:\n  acme: {client_id: ${ACME_ID}, client_secret: x}\n")
+    with pytest.raises(ConfigError, match=r"line 2, .*put a value that holds \$\{\.\.\.\} "
+                                          "in quotes"):
+        load_file(path, env={"ACME_ID": "id"})
+
+
+@pytest.mark.parametrize(("url", "warned"), [
+    ("http://api.bol.com", True), ("https://api.bol.com", False),
+    ("http://127.0.0.1:9000", False), ("http://localhost:9000", False),
+])
+def test_plain_http_to_a_remote_upstream_is_warned_about(url: str, warned: bool) -> None:
+    config = validate({**BASE, "upstream": {"api_url": url}})
+    lines = [line for line in summary(config) if line.startswith("warning:")]
+    assert bool(lines) is warned
+    assert warnings(config) == [line.removeprefix("warning: ") for line in lines]
+
+
+def test_a_url_without_its_scheme_says_it_needs_one() -> None:
+    with pytest.raises(ConfigError, match=r"upstream\.api_url: expected a URL starting with "
+                                          "https://"):
+        validate({**BASE, "upstream": {"api_url": "api.bol.com"}})

@@ -327,3 +327,8 @@ def test_two_credential_headers_are_refused_not_resolved_by_order() -> None:
 def test_path_parameters_are_refused(path: str) -> None:
     with pytest.raises(BadRequest):
         resolve(path)
+
+
+def test_a_path_starting_with_two_slashes_points_at_a_base_url_ending_in_one() -> None:
+    with pytest.raises(BadRequest, match=r"base URL that ends in '/'"):
+        resolve("//retailer/orders")

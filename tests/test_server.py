@@ -16,7 +16,7 @@ from proxy.app import ProxyServer
 from proxy.config import changes, validate
 from proxy.demo import FakeBol
 from proxy.errors import StartupError
-from proxy.listeners import PortInUse
+from proxy.listeners import CannotListen
 from proxy.server import AIOHTTP_INTERNALS, check_aiohttp
 from tests.conftest import StartProxy, base_config, free_port
 
@@ -37,7 +37,7 @@ async def test_stop_after_a_failed_start_closes_what_was_opened(
         taken.listen()
         server = ProxyServer(validate(base_config(url, listen={"port":
                                                                 taken.getsockname()[1]})))
-        with pytest.raises(PortInUse):
+        with pytest.raises(CannotListen):
             await server.start()
     await server.stop()
     assert fake.token_requests == []  # a proxy that cannot start spends no token
@@ -52,7 +52,7 @@ async def test_a_set_port_in_use_names_the_port_and_the_set(bol: tuple[FakeBol, 
         raw = base_config(url)
         raw["credentials"]["setb"]["port"] = port
         server = ProxyServer(validate(raw))
-        with pytest.raises(PortInUse, match=rf"127\.0\.0\.1:{port} \(the dedicated port of "
+        with pytest.raises(CannotListen, match=rf"127\.0\.0\.1:{port} \(the dedicated port of "
                                             r"set 'setb'\): Address already in use"):
             await server.start()
     await server.stop()
@@ -152,3 +152,14 @@ def test_the_installed_aiohttp_is_within_the_tested_releases() -> None:
                        if Requirement(r).name == "aiohttp")
     assert any(spec.operator == "<" for spec in requirement.specifier)
     assert requirement.specifier.contains(importlib.metadata.version("aiohttp"))
+
+
+async def test_a_listen_host_that_does_not_resolve_is_named_as_such(
+    bol: tuple[FakeBol, str],
+) -> None:
+    _, url = bol
+    server = ProxyServer(validate(base_config(url, listen={"host": "no-such-host.invalid"})))
+    with pytest.raises(CannotListen, match=r"\(listen\.host\): the host name does not "
+                                           "resolve"):
+        await server.start()
+    await server.stop()

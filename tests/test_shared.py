@@ -319,6 +319,22 @@ async def test_a_redis_without_aof_that_evicts_any_key_is_warned_about_once_at_s
     assert "append-only" in lines[0] and "allkeys-lru" in lines[1]
 
 
+async def test_without_refresh_token_sets_redis_durability_is_not_warned_about(
+    tmp_path: Any, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = RedisServer(tmp_path / "careless", "--appendonly", "no",
+                         "--maxmemory-policy", "allkeys-lru")
+    await server.start()
+    caplog.set_level(logging.WARNING, logger="proxy.shared")
+    store = SharedStore(SharedState(Secret(server.url)), clock, rotations=False)
+    try:
+        await store.start()
+    finally:
+        await store.close()
+        server.kill()
+    assert caplog.records == []  # tokens and budgets come back with the next renewal
+
+
 async def test_a_lease_whose_set_timed_out_in_a_frozen_redis_is_removed_once_it_answers(
     store: SharedStore, clock: FakeClock, redis_server: RedisServer
 ) -> None:

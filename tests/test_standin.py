@@ -363,7 +363,8 @@ async def test_tools_secrets_and_refresh_tokens_never_reach_logs_or_metrics(
     async with http.get(base + "/_proxy/metrics") as resp:
         metrics = await resp.text()
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert "POST /token 200" in logged  # the login has its access line
+    assert "POST /token 200" in logged  # the login has its access line...
+    assert f"bytes={len(answer)} " in logged  # ...with the size of its answer
     for text in (logged, metrics, answer):
         assert TOOL_SECRET not in text
     assert DEMO_CLIENT_ID not in answer
