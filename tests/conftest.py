@@ -23,6 +23,7 @@ from proxy.demo import (
     DEMO_CLIENT_SECRET,
     OFFER,
     FakeBol,
+    demo_config,
     start_fake,
 )
 from proxy.tokens import Clock
@@ -108,6 +109,19 @@ async def bol() -> AsyncIterator[tuple[FakeBol, str]]:
                    limits=dict(ROOMY_LIMITS))
     runner, url = await start_fake(fake)
     yield fake, url
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def demo() -> AsyncIterator[tuple[FakeBol, str]]:
+    """The demo's imitation of bol and the proxy in front of it (set ``demo``)."""
+    fake = FakeBol()
+    runner, upstream = await start_fake(fake)
+    server = ProxyServer(validate(demo_config(upstream, 0), source="demo"))
+    await server.start()
+    await server.tokens.source("demo").get()
+    yield fake, f"http://127.0.0.1:{server.port()}"
+    await server.stop()
     await runner.cleanup()
 
 

@@ -10,32 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import bol.api
 import bol.config
-import pytest
 from bol.retailer.api import RetailerAPI
 
-from proxy.app import ProxyServer
-from proxy.config import validate
-from proxy.demo import FakeBol, demo_config, start_fake
+from proxy.demo import FakeBol
 
 MADE_UP_SECRET = "any-secret-will-do"
-
-
-@pytest.fixture
-async def demo() -> AsyncIterator[tuple[FakeBol, str]]:
-    """The demo's imitation of bol and the proxy in front of it (set ``demo``)."""
-    fake = FakeBol()
-    runner, upstream = await start_fake(fake)
-    server = ProxyServer(validate(demo_config(upstream, 0), source="demo"))
-    await server.start()
-    await server.tokens.source("demo").get()
-    yield fake, f"http://127.0.0.1:{server.port()}"
-    await server.stop()
-    await runner.cleanup()
 
 
 async def test_python_bol_api_latest_logs_in_reads_orders_and_ships_one_through_the_proxy(

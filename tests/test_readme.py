@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import re
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,8 @@ import aiohttp
 import bol.config
 import pytest
 
-from proxy.app import ProxyServer
-from proxy.config import load_file, summary, validate
-from proxy.demo import V10, FakeBol, demo_config, start_fake
+from proxy.config import load_file, summary
+from proxy.demo import V10, FakeBol
 from proxy.demo.command import instructions
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -46,19 +45,6 @@ def block(kind: str, name: str = "") -> str:
     code = marked_blocks().get((kind, name))
     assert code is not None, f"README.md has no block marked <!-- {kind}: {name} -->"
     return code[1]
-
-
-@pytest.fixture
-async def demo() -> AsyncIterator[tuple[FakeBol, str]]:
-    """The demo's imitation of bol and the proxy in front of it (set ``demo``)."""
-    fake = FakeBol()
-    runner, upstream = await start_fake(fake)
-    server = ProxyServer(validate(demo_config(upstream, 0), source="demo"))
-    await server.start()
-    await server.tokens.source("demo").get()
-    yield fake, f"http://127.0.0.1:{server.port()}"
-    await server.stop()
-    await runner.cleanup()
 
 
 async def order_ids(base: str, target: str = "/retailer/orders") -> list[str]:
