@@ -9,7 +9,8 @@ repeated fields included, byte for byte.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from functools import lru_cache
 from itertools import chain
 
 from multidict import CIMultiDictProxy, istr
@@ -64,7 +65,7 @@ _FOLDED_SPECIAL = _NOT_FORWARDED_UP_LOWER | {"content-length", "content-type"} |
 # surrogates, which its C header writer silently drops ("caf\xe9" would leave as "caf"), and
 # control characters (RFC 9110 §5.5), which it refuses with a ValueError mid-response.
 _UNWRITABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
-_CONTROL_BYTES = re.compile(b"[\x00-\x08\x0b-\x1f\x7f]")  # LF: see client_response_headers
+_CONTROL_BYTES = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def connection_listed(values: Iterable[str]) -> set[str]:
@@ -104,32 +105,32 @@ def _folds_to_special(lowered: str) -> bool:
     return lowered.replace("_", "-") in _FOLDED_SPECIAL
 
 
-def client_response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+def client_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """What goes back to the tool: bol's headers, names spelled as bol spelled them
     (aiohttp's parsed view re-cases the names it knows), minus the hop-by-hop ones.
 
     A header that cannot be passed on unchanged makes the answer a protocol failure
     (:class:`UpstreamUnreachable`, 502) rather than a silently altered one.
     """
-    if not raw:
-        return []
-    # The whole head in one piece: one scan for control bytes, one strict UTF-8 decode.
-    # A parsed field cannot hold a line feed, so it separates them; one that did would
-    # show as a wrong number of parts.
-    flat = b"\n".join(chain.from_iterable(raw))
-    try:
-        parts = flat.decode().split("\n")
-    except UnicodeDecodeError:
-        parts = []
-    if _CONTROL_BYTES.search(flat) or len(parts) != 2 * len(raw):
-        raise UpstreamUnreachable("the upstream sent a header that cannot be passed on "
-                                  "unchanged (control or non-UTF-8 bytes)")
-    fields = list(zip(parts[::2], parts[1::2], strict=True))
-    names = flat.lower().decode().split("\n")[::2]  # lowercased, for the rules below
+    fields = [_field(*pair) for pair in raw]
     drop = _HOP_BY_HOP_LOWER
-    if "connection" in names:
-        drop = drop | connection_listed(value for (_, value), name
-                                        in zip(fields, names, strict=True)
-                                        if name == "connection")
+    if any(lowered == "connection" for _, _, lowered in fields):
+        drop = drop | connection_listed(value for _, value, lowered in fields
+                                        if lowered == "connection")
     # A plain list: aiohttp copies the headers of a response into a multidict anyway.
-    return [field for field, name in zip(fields, names, strict=True) if name not in drop]
+    return [(name, value) for name, value, lowered in fields if lowered not in drop]
+
+
+@lru_cache(maxsize=2048)
+def _field(raw_name: bytes, raw_value: bytes) -> tuple[str, str, str]:
+    """One header of bol's, checked and decoded: (name, value, lowercased name). An
+    answer repeats most of its predecessor's headers, so they are remembered."""
+    if _CONTROL_BYTES.search(raw_name) or _CONTROL_BYTES.search(raw_value):
+        raise UpstreamUnreachable("the upstream sent a header with control bytes, which "
+                                  "cannot be passed on unchanged")
+    try:
+        name, value = raw_name.decode(), raw_value.decode()  # strict UTF-8
+    except UnicodeDecodeError:
+        raise UpstreamUnreachable("the upstream sent a header that is not UTF-8, which "
+                                  "cannot be passed on unchanged") from None
+    return name, value, name.lower()

@@ -206,6 +206,13 @@ def test_response_header_that_cannot_pass_unchanged_is_a_502(value: bytes) -> No
         client_response_headers([(b"Content-Type", b"application/json"), (b"X-Note", value)])
 
 
+@pytest.mark.parametrize("name", [b"X-Caf\xe9", b"X-A\nB", b"X-A\x00"], ids=["latin1", "lf", "nul"])
+def test_response_header_name_that_cannot_pass_unchanged_is_a_502_every_time(name: bytes) -> None:
+    for _ in range(2):  # decoded headers are remembered; refusals are not
+        with pytest.raises(UpstreamUnreachable):
+            client_response_headers([(b"Content-Type", b"application/json"), (name, b"1")])
+
+
 def test_response_header_bytes_in_utf8_and_tabs_pass_unchanged() -> None:
     value = "caf\u00e9 \u20ac\tend"
     out = client_response_headers([(b"X-Note", value.encode()), (b"X-Empty", b"")])
